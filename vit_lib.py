@@ -174,6 +174,7 @@ class TrainingConfig:
     compile: bool = False
     resume: bool = False
     wandb_mode: str | None = None        # None: online with a key, else offline; or "disabled"
+    progress: bool = True                # per-batch progress bars
 
     def __post_init__(self):
         if self.model_size not in VIT_SIZES:
@@ -211,6 +212,13 @@ def load_audio(path, sr=DataConfig.SR):
         raise AudioError("empty file")
     try:
         audio, file_sr = sf.read(path, dtype="float32", always_2d=True)
+        # libsndfile silently decodes a cut-off WAV as a shorter clip; its header log tells
+        declared = re.search(r"^data : (\d+) \(should be (\d+)\)", sf.info(path).extra_info, re.M)
+        if declared and int(declared.group(2)) < int(declared.group(1)) < 0x7FFFFFFF:  # not a streamed WAV
+            raise AudioError(f"truncated file: header declares {declared.group(1)} data bytes, "
+                             f"only {declared.group(2)} present")
+    except AudioError:
+        raise
     except Exception as sf_error:
         try:  # formats libsndfile lacks go through librosa's audioread fallback
             import librosa
@@ -659,11 +667,18 @@ def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="fo
     if jobs:
         import librosa  # noqa: F401  imported once here so forked workers inherit it
         with open(journal_path, "a") as journal, contextlib.ExitStack() as stack:
+            if journal.tell():  # a torn last line (crash mid-write) must not swallow the next entry
+                with open(journal_path, "rb") as tail:
+                    tail.seek(-1, os.SEEK_END)
+                    if tail.read(1) != b"\n":
+                        journal.write("\n")
             if workers > 1 and len(jobs) > 1:
                 pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
                                                                 initializer=_single_threaded))
                 results = pool.map(_prepare_one, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
-            else:
+            else:  # one BLAS thread as in the workers: the arrays must not depend on num_workers
+                from threadpoolctl import threadpool_limits
+                stack.enter_context(threadpool_limits(1))
                 results = map(_prepare_one, jobs)
             for result in tqdm(results, total=len(jobs), desc=f"Preparing {dataset_name}",
                                disable=not progress, file=sys.stderr):
@@ -734,9 +749,9 @@ def _synthetic_utterance(rng, sr, seconds, f0):
     return (voiced + breath) * syllables
 
 
-def _crude_vocoder(audio, rng, sr):
+def _crude_vocoder(audio, rng, sr, cutoff_hz):
     """Resynthesise from a smoothed spectral envelope over a monotone buzz + noise excitation, band
-    limited to 4 kHz: the harmonic detail and the top octave of the original are lost, two artefacts
+    limited to `cutoff_hz`: the harmonic detail and the top of the spectrum are lost, two artefacts
     of early parametric vocoders."""
     from scipy.ndimage import uniform_filter1d
     from scipy.signal import butter, istft, sosfiltfilt, stft
@@ -747,13 +762,17 @@ def _crude_vocoder(audio, rng, sr):
     _, _, excitation = stft(buzz, sr, nperseg=512)
     excitation /= uniform_filter1d(np.abs(excitation), size=9, axis=0) + 1e-8
     _, fake = istft(envelope * excitation[:, :envelope.shape[1]], sr, nperseg=512)
-    return sosfiltfilt(butter(8, 4000, fs=sr, output="sos"), fake[:len(audio)])
+    return sosfiltfilt(butter(8, cutoff_hz, fs=sr, output="sos"), fake[:len(audio)])
+
+
+FIXTURE_ATTACKS = {"vocoder_4k": 4000, "vocoder_6k": 6000}
 
 
 def make_fixture_corpus(out_dir=FIXTURE_AUDIO_DIR, n_speakers=12, clips_per_speaker=4, sr=22050,
                         seed=DataConfig.SEED):
     """A tiny real/fake folder corpus, made deterministically: each fake clip is its real twin passed
-    through a crude vocoder (same speaker, same duration, same leading silence). Also two unusable
+    through one of two crude vocoders, fake/<attack>/ (same speaker, duration and leading silence,
+    so none of these separates the classes). Also two unusable
     files, to show how preparation reports them. Returns the corpus folder."""
     import soundfile as sf
     out_dir = Path(out_dir)
@@ -765,11 +784,12 @@ def make_fixture_corpus(out_dir=FIXTURE_AUDIO_DIR, n_speakers=12, clips_per_spea
             seconds = rng.uniform(2.0, 12.0)
             silence = np.zeros(int(rng.uniform(0.05, 0.5) * sr))
             real = _synthetic_utterance(rng, sr, seconds, f0)
-            fake = _crude_vocoder(real, rng, sr)
-            for label, audio in (("real", real), ("fake", fake)):
-                audio = np.concatenate([silence, audio])
-                audio = 0.5 * audio / np.abs(audio).max()
-                name = f"{label}/spk{speaker:02d}_{label}_{clip}.wav"
+            attack = list(FIXTURE_ATTACKS)[clip % len(FIXTURE_ATTACKS)]
+            fake = _crude_vocoder(real, rng, sr, FIXTURE_ATTACKS[attack])
+            level = rng.uniform(-32, -26)  # twins share a loudness, so level says nothing about the class
+            for folder, audio in (("real", real), (f"fake/{attack}", fake)):
+                audio = np.concatenate([silence, loudness_normalize(audio.astype(np.float32), sr, level)[0]])
+                name = f"{folder}/spk{speaker:02d}_{folder.split('/')[0]}_{clip}.wav"
                 with atomic_write(out_dir / name) as handle:
                     sf.write(handle, audio, sr, subtype="PCM_16", format="WAV")
                 speakers.append((name, f"spk{speaker:02d}"))
@@ -805,7 +825,7 @@ def read_metadata(split_dir):
         raise DatasetError(f"{path}: the split is empty")
     bad = metadata.loc[~metadata["label"].isin([0, 1]), "label"]
     if len(bad):
-        raise DatasetError(f"{path}: label must be 0 (real) or 1 (fake), found {bad.iloc[0]!r} "
+        raise DatasetError(f"{path}: label must be 0 (real) or 1 (fake), found {bad.tolist()[0]!r} "
                            f"in row {bad.index[0] + 2}")
     missing_files = [p for p in metadata["npy_path"] if not (split_dir / p).is_file()]
     if missing_files:
@@ -813,6 +833,12 @@ def read_metadata(split_dir):
                            f"e.g. {split_dir / missing_files[0]}")
     metadata["label"] = metadata["label"].astype(int)
     return metadata
+
+
+def read_dataset_metadata(dataset_dir):
+    """Every split's metadata.csv in one table with a `split` column."""
+    return pd.concat([read_metadata(Path(dataset_dir) / split).assign(split=split) for split in SPLITS],
+                     ignore_index=True)
 
 
 def spec_augment(spec, data_config=DataConfig(), generator=None):
@@ -899,8 +925,8 @@ class AudioDataset(Dataset):
             return None
         if self.augment and self.data_config.USE_RANDOM_CROPPING:
             spec = random_time_crop(spec, self.max_frames_spec)
-        else:
-            spec = torch.from_numpy(fit_frames(spec.numpy(), self.max_frames_spec))
+        # pad (-80 dB) or crop to max_frames_spec; a crop of a shorter spectrogram stays short
+        spec = torch.from_numpy(fit_frames(spec.numpy(), self.max_frames_spec))
         if self.augment:
             spec = spec_augment(spec, self.data_config)
         mean, std = self.norm_stats or (None, None)
@@ -1265,7 +1291,8 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
                               checkpoint_dir=checkpoint_dir, grad_clip_norm=config.grad_clip_norm,
                               mixed_precision=config.mixed_precision,
                               early_stopping_patience=config.early_stopping_patience, seed=config.seed,
-                              wandb_run=wandb_run, state=state, checkpoint_extras=extras)
+                              wandb_run=wandb_run, state=state, checkpoint_extras=extras,
+                              progress=config.progress)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # rank 0 has written the best checkpoint
         best = load_checkpoint(checkpoint_dir / f"best_vit_model_{config.run_name}.pth", device)
@@ -1405,17 +1432,52 @@ def score_segments(model, dataset, device, batch_size=32):
     return frame
 
 
+def score_split(model, cache_dir, dataset_name, split="test", device="cpu", data_config=DataConfig()):
+    """Segment scores of one split of a processed dataset, after checking the model fits its shape."""
+    model_config = ALL_MODEL_CONFIGS[dataset_name]
+    if model.config.image_width != model_config.max_frames_spec or model.config.image_height != data_config.N_MELS:
+        raise ValueError(f"the model takes {model.config.image_height}x{model.config.image_width} spectrograms "
+                         f"but {dataset_name} has {data_config.N_MELS}x{model_config.max_frames_spec}")
+    dataset = AudioDataset(Path(cache_dir) / dataset_name, split, data_config.N_MELS, model_config.max_frames_spec,
+                           data_config=data_config)
+    return score_segments(model, dataset, device)
+
+
+def multi_seed_eer(training_config: TrainingConfig, seeds=(42, 43, 44)):
+    """Train once per seed and report the test file-level EER of each best checkpoint, so a result
+    can be quoted as mean +- std rather than one lucky run."""
+    rows = []
+    for seed in seeds:
+        config = TrainingConfig(**{**asdict(training_config), "seed": seed,
+                                   "run_name": f"{training_config.run_name}_seed{seed}"})
+        run_training(config)
+        model, _ = load_model(Path(config.checkpoint_dir) / f"best_vit_model_{config.run_name}.pth")
+        report = metrics_report(score_split(model, config.cache_dir, config.dataset_name, "test"))
+        rows.append(dict(seed=seed, file_eer=report["file"]["eer"], segment_eer=report["segment"]["eer"]))
+    table = pd.DataFrame(rows)
+    std = table["file_eer"].std(ddof=1) if len(table) > 1 else float("nan")
+    print(f"File-level test EER over {len(table)} seed(s): {table['file_eer'].mean():.4f} +- {std:.4f}")
+    return table
+
+
 def pool_file_scores(segments):
-    """One row per original file: the mean of its segments' scores (logit differences), which is
-    the file's average log-odds of bona fide; p_fake is that mean mapped back to a probability."""
-    segments = segments.dropna(subset=["score"])
-    keep = [c for c in ("label", "speaker", "attack", "source", "duration_s", "loudness_lufs",
-                        "leading_silence_s") if c in segments.columns]
-    files = segments.groupby("original_path", sort=True).agg(
-        score=("score", "mean"), n_segments=("score", "size"),
-        filled_fraction=("filled_fraction", "mean") if "filled_fraction" in segments else ("score", "size"),
-        **{c: (c, "first") for c in keep}).reset_index()
-    files["p_fake"] = 1.0 / (1.0 + np.exp(files["score"]))
+    """One row per original file: its facts (label, speaker, attack, duration, ...) and, for scored
+    segments, the mean of their scores (logit differences), i.e. the file's average log-odds of bona
+    fide; p_fake is that mean mapped back to a probability."""
+    scored = "score" in segments
+    if scored:
+        segments = segments.dropna(subset=["score"])
+    facts = [c for c in ("label", "speaker", "attack", "source", "duration_s", "loudness_lufs", "leading_silence_s")
+             if c in segments.columns]
+    aggregations = {c: (c, "first") for c in facts}
+    aggregations["n_segments"] = ("segment_index", "size")
+    if "filled_fraction" in segments:
+        aggregations["filled_fraction"] = ("filled_fraction", "mean")
+    if scored:
+        aggregations["score"] = ("score", "mean")
+    files = segments.groupby("original_path", sort=True).agg(**aggregations).reset_index()
+    if scored:
+        files["p_fake"] = 1.0 / (1.0 + np.exp(files["score"]))
     return files
 
 
@@ -1481,7 +1543,10 @@ def shortcut_audit(train_files, test_files):
         classifier = make_pipeline(StandardScaler(), LogisticRegression())
         classifier.fit(train_files[columns].to_numpy(float), train_files["label"])
         p_fake = classifier.predict_proba(test_files[columns].to_numpy(float))[:, 1]
-        rows.append(dict(feature=SHORTCUT_FEATURES.get(name, name), test_eer=eer_from_labels(test_files["label"], -p_fake)[0]))
+        # A constant prediction carries no information; the official EER of all-tied scores is 1.0
+        # (every bona fide file is rejected before any spoof is accepted), so call it chance.
+        eer = 0.5 if np.ptp(p_fake) == 0 else eer_from_labels(test_files["label"], -p_fake)[0]
+        rows.append(dict(feature=SHORTCUT_FEATURES.get(name, name), test_eer=eer))
     return pd.DataFrame(rows)
 
 
@@ -1549,7 +1614,6 @@ def score_audio_file(path, model, model_config, data_config=DataConfig(), device
 def save_figure(fig, path):
     with atomic_write(path) as handle:
         fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
-    return path
 
 
 def plot_confusion_matrix(cm, labels=CLASS_NAMES, run_name="", save_dir=DEFAULT_RESULTS_DIR, wandb_run=None):
@@ -1559,7 +1623,8 @@ def plot_confusion_matrix(cm, labels=CLASS_NAMES, run_name="", save_dir=DEFAULT_
     fig, ax = plt.subplots(figsize=(4.5, 4))
     sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", xticklabels=labels, yticklabels=labels, cbar=False, ax=ax)
     ax.set(xlabel="Predicted", ylabel="True", title=f"Confusion matrix {run_name}".strip())
-    path = save_figure(fig, Path(save_dir) / f"confusion_matrix_{run_name}.png")
+    path = Path(save_dir) / f"confusion_matrix_{run_name}.png"
+    save_figure(fig, path)
     if wandb_run is not None:
         import wandb
         wandb_run.log({"confusion_matrix": wandb.Image(str(path))})
@@ -1649,6 +1714,26 @@ def plot_attention(spec, patch_weights, ax, vit_config, title=""):
     ax.set(xlabel="frame", ylabel="mel bin", title=title)
 
 
+def plot_timeline(audio, timeline, verdict, data_config=DataConfig(), save_path=None):
+    """Waveform, log-mel and the per-segment fake probability of one scored file, on one time axis."""
+    import matplotlib.pyplot as plt
+    seconds = len(audio) / data_config.SR
+    fig, (wave_ax, spec_ax, prob_ax) = plt.subplots(3, 1, figsize=(10, 7), sharex=True,
+                                                    gridspec_kw=dict(height_ratios=[1, 1.4, 1]))
+    wave_ax.plot(np.arange(len(audio)) / data_config.SR, audio, lw=0.3)
+    wave_ax.set(ylabel="amplitude", title=f"{verdict['file']}: {verdict['verdict']} (p(fake) = {verdict['p_fake']:.3f})")
+    mel = log_mel_spectrogram(audio, data_config)
+    spec_ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", extent=[0, seconds, 0, mel.shape[0]])
+    spec_ax.set(ylabel="mel bin")
+    for row in timeline.itertuples():
+        prob_ax.hlines(row.p_fake, row.start_s, row.end_s, lw=4, color="C3" if row.p_fake > 0.5 else "C0")
+    prob_ax.axhline(0.5, color="k", ls=":", lw=1)
+    prob_ax.set(xlabel="time (s)", ylabel="p(fake) per segment", ylim=(-0.05, 1.05), xlim=(0, seconds))
+    if save_path:
+        save_figure(fig, save_path)
+    return fig
+
+
 # ---------------------------------------------------------------- tracking
 def wandb_api_key():
     """The key from WANDB_API_KEY or a git-ignored wandb_api_key.txt (repo root or working folder)."""
@@ -1721,22 +1806,22 @@ def main(argv=None):
         score_files(args.checkpoint, args.inputs, args.output)
 
 
-def score_files(checkpoint_path, inputs, output):
+def score_files(checkpoint_path, inputs, output, progress=True):
     """Score every audio file in `inputs` (files or folders) into `output`: `FILE_ID SCORE` lines.
     Files that cannot be scored are listed with their reason and left out."""
     model, checkpoint = load_model(checkpoint_path)
     model_config = ModelConfig(**{k: v for k, v in checkpoint["model_config"].items() if k != "max_frames_spec"})
     paths = [p for item in map(Path, inputs) for p in (_audio_files(item) if item.is_dir() else [item])]
     lines, failures = [], []
-    for path in tqdm(paths, desc="Scoring", file=sys.stderr):
+    for path in tqdm(paths, desc="Scoring", file=sys.stderr, disable=not progress):
         try:
             _, verdict = score_audio_file(path, model, model_config)
             lines.append(f"{path.stem} {verdict['score']:.6f}")
         except AudioError as error:
-            failures.append(f"{path}: {error}")
+            failures.append(f"{display_path(path)}: {error}")
     with atomic_write(output, "w") as handle:
         handle.write("\n".join(lines) + ("\n" if lines else ""))
-    print(f"Scored {len(lines)} file(s) into {output}; {len(failures)} could not be scored")
+    print(f"Scored {len(lines)} file(s) into {display_path(output)}; {len(failures)} could not be scored")
     for failure in failures:
         print(f"  skipped {failure}")
     return len(lines), failures

@@ -1,0 +1,310 @@
+"""Training and inference throughput of AudioViT against a plain reference, and data-loader throughput.
+
+For every model size: the model as the project trains it (fused attention through
+scaled_dot_product_attention, fp32) and, optionally, that model under torch.compile or CUDA
+autocast, each against a plain reference of the same architecture with the same weights:
+AudioViT(config, fused_attention=False) (einsum/softmax attention, fp32, no compile).
+Train = forward + cross-entropy + backward + Adam step; infer = no_grad forward in eval mode.
+Each figure is the median over --repeats timings of --iters steps, after --warmup steps.
+
+FLOPs are counted analytically (a multiply-add is 2 FLOPs), per sample, n = num_patches + 1 tokens:
+  patch embedding   2 * num_patches * patch_dim * dim
+  each layer        2 * n * (dim * 3 * dim  +  dim * dim  +  2 * dim * mlp_dim)   (qkv, out, MLP)
+                  + 2 * 2 * n * n * dim                                        (Q K^T and A V, all heads)
+  head              2 * dim * num_classes
+  train = forward + backward = 3 x forward (backward counted as 2 x forward).
+LayerNorm, softmax, GELU, dropout and the optimizer are not counted (they are memory-bound).
+The peak is a timed torch.matmul of two --peak-size square fp32 matrices at the same thread count.
+
+    .venv/bin/python benchmarks/throughput.py                       # all sizes, loader, ~5-10 min on 2 cores
+    .venv/bin/python benchmarks/throughput.py --sizes ViT_Small --compile --json results/throughput.json
+    .venv/bin/python benchmarks/throughput.py --sizes ViT_Small --no-loader --iters 1 --repeats 1   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vit_lib  # noqa: E402
+
+
+def forward_flops(config):
+    """Analytic forward FLOPs per sample (see the module docstring)."""
+    n, d = config.num_patches + 1, config.dim
+    per_layer = 2 * n * (d * 3 * d + d * d + 2 * d * config.mlp_dim) + 2 * 2 * n * n * d
+    return (2 * config.num_patches * config.patch_dim * d + config.depth * per_layer
+            + 2 * d * config.num_classes)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(device, size, repeats=5):
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times) / 1e9
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
+
+
+def make_step(model, mode, inputs, labels, device, amp_dtype):
+    """One training step (forward, loss, backward, Adam) or one inference forward."""
+    if mode == "infer":
+        def step():
+            with torch.no_grad(), autocast(device, amp_dtype):
+                model(inputs)
+        return step
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    criterion = torch.nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp_dtype):
+            loss = criterion(model(inputs), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def time_steps(step, device, warmup, iters, repeats, batch_size):
+    """(median samples/s, seconds of the first call, which includes any compilation)."""
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    first_call = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        step()
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        sync(device)
+        rates.append(batch_size * iters / (time.perf_counter() - start))
+    return statistics.median(rates), first_call
+
+
+def variants_for(args, device):
+    """(name, fused attention, compile, autocast dtype); the reference comes first."""
+    rows = [("reference (einsum, fp32)", False, False, None), ("fused SDPA fp32", True, False, None)]
+    if args.compile:
+        rows.append(("fused SDPA fp32 + torch.compile", True, True, None))
+    if device.type == "cuda" and not args.no_amp:
+        if torch.cuda.is_bf16_supported():
+            rows.append(("fused SDPA + autocast bf16", True, False, torch.bfloat16))
+        rows.append(("fused SDPA + autocast fp16", True, False, torch.float16))
+    if device.type == "cpu" and args.cpu_bf16:
+        rows.append(("fused SDPA + CPU autocast bf16", True, False, torch.bfloat16))
+    return rows
+
+
+def bench_model_size(size, args, device, peak):
+    config = vit_lib.make_vit_config(size, (vit_lib.DataConfig.N_MELS, args.frames))
+    torch.manual_seed(0)
+    reference = vit_lib.AudioViT(config=config, fused_attention=False).to(device)
+    weights = copy.deepcopy(reference.state_dict())
+    inputs = torch.randn(args.batch_size, 1, config.image_height, config.image_width, device=device)
+    labels = torch.randint(0, 2, (args.batch_size,), device=device)
+    with torch.no_grad():
+        reference_logits = reference.eval()(inputs).float()
+    flops = forward_flops(config)
+    rows, reference_rate = [], {}
+    for name, fused, compiled, amp_dtype in variants_for(args, device):
+        torch._dynamo.reset()  # each compiled variant compiles from scratch, with static shapes
+        model = vit_lib.AudioViT(config=config, fused_attention=fused).to(device)
+        model.load_state_dict(weights)  # every variant starts from the reference's weights
+        runner = torch.compile(model) if compiled else model
+
+        def logit_diff():  # same weights, same function? (eval mode, before any training step)
+            with torch.no_grad(), autocast(device, amp_dtype):
+                return (runner.eval()(inputs).float() - reference_logits).abs().max().item()
+
+        max_diff = None
+        for mode in sorted(args.modes):  # infer first, so its first call is the one that compiles
+            if mode == "train" and max_diff is None:
+                max_diff = logit_diff()
+            runner.train(mode == "train")
+            step = make_step(runner, mode, inputs, labels, device, amp_dtype)
+            rate, first_call = time_steps(step, device, args.warmup, args.iters, args.repeats, args.batch_size)
+            if mode == "infer":
+                max_diff = logit_diff()
+            reference_rate.setdefault(mode, rate)
+            gflops = rate * flops * (3 if mode == "train" else 1) / 1e9
+            rows.append(dict(device=device.type, size=size, mode=mode, variant=name, samples_per_s=rate,
+                             ratio_vs_reference=rate / reference_rate[mode], gflops=gflops, peak_gflops=peak,
+                             fraction_of_peak=gflops / peak, max_abs_logit_diff=max_diff,
+                             first_call_s=first_call, step_s=args.batch_size / rate,
+                             params=vit_lib.count_parameters(model), fwd_gflop_per_sample=flops / 1e9))
+            print(f"  {size:10s} {mode:5s} {name:34s} {rate:8.1f} samples/s  x{rate / reference_rate[mode]:.2f}"
+                  f"  first call {first_call:.1f} s", flush=True)
+        del model, runner
+    order = {"train": 0, "infer": 1}
+    return sorted(rows, key=lambda r: order[r["mode"]])  # stable: variants keep their order
+    return rows
+
+
+def prepared_fixture(cache_dir):
+    """Fixture corpus -> processed vit_balanced_dataset under cache_dir (kept if already there)."""
+    cache_dir = Path(cache_dir)
+    corpus = cache_dir / "fixture_audio"
+    if not (corpus / "speakers.csv").is_file():
+        vit_lib.make_fixture_corpus(corpus)
+    vit_lib.prepare_dataset(corpus, "vit_balanced_dataset", "folder", cache_dir, progress=False)
+    return cache_dir / "vit_balanced_dataset"
+
+
+def bench_loader(dataset_dir, workers, epochs, batch_size):
+    """Loader-only samples/s over `epochs` epochs after one untimed epoch (which starts the workers)."""
+    dataset = vit_lib.AudioDataset(dataset_dir, "train", vit_lib.DataConfig.N_MELS,
+                                   vit_lib.ALL_MODEL_CONFIGS["vit_balanced_dataset"].max_frames_spec, augment=True)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                        collate_fn=vit_lib.custom_collate_fn, persistent_workers=workers > 0)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    first_epoch = time.perf_counter() - start
+    seen, start = 0, time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            seen += len(batch[1])
+    return dict(workers=workers, samples=len(dataset), epochs=epochs, first_epoch_s=first_epoch,
+                samples_per_s=seen / (time.perf_counter() - start))
+
+
+def cpu_flags():
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")
+    return " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+
+
+def markdown_table(rows, columns):
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row) for _, fmt in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(vit_lib.VIT_SIZES), choices=list(vit_lib.VIT_SIZES))
+    parser.add_argument("--frames", type=int, default=256, help="spectrogram width (height is N_MELS=128)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps, the first call included (>= 1)")
+    parser.add_argument("--iters", type=int, default=2, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per figure; the median is reported")
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    parser.add_argument("--compile", action="store_true", help="add torch.compile of the fused model")
+    parser.add_argument("--cpu-bf16", action="store_true", help="add CPU bf16 autocast (fast only with native bf16)")
+    parser.add_argument("--no-amp", action="store_true", help="on CUDA, leave out the bf16/fp16 autocast rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-size", type=int, default=2048)
+    parser.add_argument("--no-loader", action="store_true", help="skip the data-loader benchmark")
+    parser.add_argument("--loader-epochs", type=int, default=3)
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=None,
+                        help="default: TrainingConfig().num_workers and 2")
+    parser.add_argument("--cache-dir", default=None, help="where the fixture dataset is built (default: a temp folder)")
+    parser.add_argument("--json", default=None, help="write every row here")
+    args = parser.parse_args(argv)
+    args.warmup = max(1, args.warmup)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    print(f"# AudioViT throughput, {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"command: {shlex.join([Path(sys.executable).name] + sys.argv)}")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f" ({platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, flags: {cpu_flags()})"))
+    print(f"threads: torch {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}; "
+          f"load average at start {os.getloadavg()[0]:.2f}")
+    peak = matmul_peak_gflops(device, args.peak_size)
+    print(f"fp32 matmul peak ({args.peak_size}x{args.peak_size}): {peak:.1f} GFLOP/s\n", flush=True)
+
+    rows = []
+    for size in args.sizes:
+        rows += bench_model_size(size, args, device, peak)
+    print()
+    print(markdown_table(rows, [
+        ("device", lambda r: r["device"]), ("size", lambda r: r["size"]), ("mode", lambda r: r["mode"]),
+        ("variant", lambda r: r["variant"]), ("samples/s", lambda r: f"{r['samples_per_s']:.1f}"),
+        ("x reference", lambda r: f"{r['ratio_vs_reference']:.2f}"), ("GFLOP/s", lambda r: f"{r['gflops']:.1f}"),
+        ("% of matmul peak", lambda r: f"{100 * r['fraction_of_peak']:.0f}%"),
+        ("max abs logit diff vs ref", lambda r: f"{r['max_abs_logit_diff']:.1e}")]))
+    compiled = [r for r in rows if "compile" in r["variant"]]
+    if compiled:
+        print("\ntorch.compile cost: first call (compilation) against the steady step, and how many steps "
+              "of the compiled model it takes to earn the compilation back against the uncompiled fused model")
+        for r in compiled:
+            eager = next(e for e in rows if e["size"] == r["size"] and e["mode"] == r["mode"]
+                         and e["variant"] == "fused SDPA fp32")
+            saving = eager["step_s"] - r["step_s"]
+            payback = (r["first_call_s"] - r["step_s"]) / saving if saving > 0 else float("inf")
+            print(f"  {r['size']} {r['mode']}: first call {r['first_call_s']:.1f} s, step {r['step_s']:.2f} s "
+                  f"(uncompiled {eager['step_s']:.2f} s) -> pays back after {payback:.0f} steps "
+                  f"({payback * args.batch_size:.0f} samples)")
+
+    loader_rows = []
+    if not args.no_loader:
+        workers = args.loader_workers or sorted({vit_lib.TrainingConfig().num_workers, 2})
+        with tempfile.TemporaryDirectory() as temp:
+            dataset_dir = prepared_fixture(args.cache_dir or temp)
+            for count in workers:
+                loader_rows.append(bench_loader(dataset_dir, count, args.loader_epochs, args.batch_size))
+        small = next((r for r in rows if r["size"] == args.sizes[0] and r["mode"] == "train"
+                      and r["variant"] == "fused SDPA fp32"), None)
+        for row in loader_rows:
+            row["training_samples_per_s"] = small["samples_per_s"] if small else None
+            row["ratio_vs_training"] = row["samples_per_s"] / small["samples_per_s"] if small else None
+        print(f"\nData loader only (fixture train split, augment=True, batch {args.batch_size}, "
+              f"{args.loader_epochs} timed epochs after one untimed):")
+        print(markdown_table(loader_rows, [
+            ("num_workers", lambda r: str(r["workers"])), ("items", lambda r: str(r["samples"])),
+            ("first epoch s", lambda r: f"{r['first_epoch_s']:.2f}"),
+            ("samples/s", lambda r: f"{r['samples_per_s']:.0f}"),
+            (f"x {args.sizes[0]} training (fused)", lambda r: f"{r['ratio_vs_training']:.0f}"
+             if r["ratio_vs_training"] else "-")]))
+    print(f"\nload average at end {os.getloadavg()[0]:.2f} (above {os.cpu_count()} means other work shared the CPUs)")
+    if args.json:
+        meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
+                    threads=torch.get_num_threads(), command=sys.argv, device=str(device), cpu_flags=cpu_flags(),
+                    peak_gflops=peak, batch_size=args.batch_size, frames=args.frames)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(meta=meta, model_rows=rows, loader_rows=loader_rows), indent=2))
+        print(f"rows written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
