@@ -187,6 +187,10 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        # patience 0 would train nothing; a clip norm of 0 would be ignored and a negative one flips gradients
+        for name in ("grad_clip_norm", "early_stopping_patience"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)!r}")
         choices = {"optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "warmup_cosine"),
                    "class_balance": ("none", "weighted_loss", "balanced_sampler")}
         for name, allowed in choices.items():

@@ -94,24 +94,14 @@ def make_step(model, mode, inputs, labels, device, amp_dtype):
     return step
 
 
-def time_steps(step, device, warmup, iters, repeats, batch_size):
-    """(median samples/s, seconds of the first call, which includes any compilation)."""
+def timed(step, device, count=1):
+    """Seconds for `count` calls of `step`."""
     sync(device)
     start = time.perf_counter()
-    step()
-    sync(device)
-    first_call = time.perf_counter() - start
-    for _ in range(warmup - 1):
+    for _ in range(count):
         step()
-    rates = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            step()
-        sync(device)
-        rates.append(batch_size * iters / (time.perf_counter() - start))
-    return statistics.median(rates), first_call
+    sync(device)
+    return time.perf_counter() - start
 
 
 def variants_for(args, device):
@@ -129,48 +119,56 @@ def variants_for(args, device):
 
 
 def bench_model_size(size, args, device, peak):
+    """Rows for one model size. The variants' timings are interleaved (reference, fused, ...,
+    reference, fused, ...) so that a change in machine load between them does not bias the ratios."""
     config = vit_lib.make_vit_config(size, (vit_lib.DataConfig.N_MELS, args.frames))
     torch.manual_seed(0)
-    reference = vit_lib.AudioViT(config=config, fused_attention=False).to(device)
-    weights = copy.deepcopy(reference.state_dict())
+    torch._dynamo.reset()  # a compiled variant compiles from scratch, with static shapes
+    variants = variants_for(args, device)
+    models = [vit_lib.AudioViT(config=config, fused_attention=fused).to(device) for _, fused, _, _ in variants]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())  # identical weights
+    runners = [torch.compile(m) if compiled else m for m, (_, _, compiled, _) in zip(models, variants)]
     inputs = torch.randn(args.batch_size, 1, config.image_height, config.image_width, device=device)
     labels = torch.randint(0, 2, (args.batch_size,), device=device)
-    with torch.no_grad():
-        reference_logits = reference.eval()(inputs).float()
-    flops = forward_flops(config)
-    rows, reference_rate = [], {}
-    for name, fused, compiled, amp_dtype in variants_for(args, device):
-        torch._dynamo.reset()  # each compiled variant compiles from scratch, with static shapes
-        model = vit_lib.AudioViT(config=config, fused_attention=fused).to(device)
-        model.load_state_dict(weights)  # every variant starts from the reference's weights
-        runner = torch.compile(model) if compiled else model
 
-        def logit_diff():  # same weights, same function? (eval mode, before any training step)
-            with torch.no_grad(), autocast(device, amp_dtype):
-                return (runner.eval()(inputs).float() - reference_logits).abs().max().item()
+    def logit_diffs():  # same weights, same function? (eval mode, no training step taken yet)
+        with torch.no_grad():
+            reference = runners[0].eval()(inputs).float()
+            diffs = []
+            for runner, (_, _, _, amp_dtype) in zip(runners, variants):
+                with autocast(device, amp_dtype):
+                    diffs.append((runner.eval()(inputs).float() - reference).abs().max().item())
+        return diffs
 
-        max_diff = None
-        for mode in sorted(args.modes):  # infer first, so its first call is the one that compiles
-            if mode == "train" and max_diff is None:
-                max_diff = logit_diff()
+    flops, rows, max_diff = forward_flops(config), [], None
+    for mode in sorted(args.modes):  # infer first: its first call compiles, and it leaves the weights as they are
+        if mode == "train" and max_diff is None:
+            max_diff = logit_diffs()
+        steps, first_calls = [], []
+        for runner, (_, _, _, amp_dtype) in zip(runners, variants):
             runner.train(mode == "train")
-            step = make_step(runner, mode, inputs, labels, device, amp_dtype)
-            rate, first_call = time_steps(step, device, args.warmup, args.iters, args.repeats, args.batch_size)
-            if mode == "infer":
-                max_diff = logit_diff()
-            reference_rate.setdefault(mode, rate)
-            gflops = rate * flops * (3 if mode == "train" else 1) / 1e9
-            rows.append(dict(device=device.type, size=size, mode=mode, variant=name, samples_per_s=rate,
-                             ratio_vs_reference=rate / reference_rate[mode], gflops=gflops, peak_gflops=peak,
-                             fraction_of_peak=gflops / peak, max_abs_logit_diff=max_diff,
-                             first_call_s=first_call, step_s=args.batch_size / rate,
-                             params=vit_lib.count_parameters(model), fwd_gflop_per_sample=flops / 1e9))
-            print(f"  {size:10s} {mode:5s} {name:34s} {rate:8.1f} samples/s  x{rate / reference_rate[mode]:.2f}"
-                  f"  first call {first_call:.1f} s", flush=True)
-        del model, runner
+            steps.append(make_step(runner, mode, inputs, labels, device, amp_dtype))
+            first_calls.append(timed(steps[-1], device))
+            timed(steps[-1], device, args.warmup - 1)
+        if max_diff is None:
+            max_diff = logit_diffs()
+        seconds = [[] for _ in variants]
+        for _ in range(args.repeats):
+            for index, step in enumerate(steps):
+                seconds[index].append(timed(step, device, args.iters))
+        rates = [args.batch_size * args.iters / statistics.median(times) for times in seconds]
+        for index, (name, _, _, _) in enumerate(variants):
+            gflops = rates[index] * flops * (3 if mode == "train" else 1) / 1e9
+            rows.append(dict(device=device.type, size=size, mode=mode, variant=name, samples_per_s=rates[index],
+                             ratio_vs_reference=rates[index] / rates[0], gflops=gflops, peak_gflops=peak,
+                             fraction_of_peak=gflops / peak, max_abs_logit_diff=max_diff[index],
+                             first_call_s=first_calls[index], step_s=args.batch_size / rates[index],
+                             params=vit_lib.count_parameters(models[index]), fwd_gflop_per_sample=flops / 1e9))
+            print(f"  {size:10s} {mode:5s} {name:34s} {rates[index]:8.1f} samples/s  x{rates[index] / rates[0]:.2f}"
+                  f"  first call {first_calls[index]:.1f} s", flush=True)
     order = {"train": 0, "infer": 1}
     return sorted(rows, key=lambda r: order[r["mode"]])  # stable: variants keep their order
-    return rows
 
 
 def prepared_fixture(cache_dir):
@@ -232,7 +230,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-size", type=int, default=2048)
     parser.add_argument("--no-loader", action="store_true", help="skip the data-loader benchmark")
-    parser.add_argument("--loader-epochs", type=int, default=3)
+    parser.add_argument("--loader-epochs", type=int, default=10)
     parser.add_argument("--loader-workers", type=int, nargs="+", default=None,
                         help="default: TrainingConfig().num_workers and 2")
     parser.add_argument("--cache-dir", default=None, help="where the fixture dataset is built (default: a temp folder)")
@@ -251,11 +249,18 @@ def main(argv=None):
     print(f"threads: torch {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}; "
           f"load average at start {os.getloadavg()[0]:.2f}")
     peak = matmul_peak_gflops(device, args.peak_size)
-    print(f"fp32 matmul peak ({args.peak_size}x{args.peak_size}): {peak:.1f} GFLOP/s\n", flush=True)
+    print(f"fp32 matmul peak ({args.peak_size}x{args.peak_size}): {peak:.1f} GFLOP/s "
+          "(measured again at the end; the higher one is used)\n", flush=True)
 
     rows = []
     for size in args.sizes:
         rows += bench_model_size(size, args, device, peak)
+    peak_end = matmul_peak_gflops(device, args.peak_size)
+    print(f"\nfp32 matmul peak at the end: {peak_end:.1f} GFLOP/s")
+    if peak_end > peak:
+        peak = peak_end
+        for row in rows:
+            row.update(peak_gflops=peak, fraction_of_peak=row["gflops"] / peak)
     print()
     print(markdown_table(rows, [
         ("device", lambda r: r["device"]), ("size", lambda r: r["size"]), ("mode", lambda r: r["mode"]),

@@ -87,10 +87,19 @@ def test_training_config_defaults_are_the_original_recipe():
     (dict(optimizer="sgd"), r"optimizer must be one of .*'sgd'"),
     (dict(lr_schedule="step"), r"lr_schedule must be one of .*'step'"),
     (dict(class_balance="oversample"), r"class_balance must be one of .*'oversample'"),
+    (dict(num_workers=-1), r"num_workers must be >= 0, got -1"),
+    (dict(early_stopping_patience=0), r"early_stopping_patience must be positive or None, got 0"),
+    (dict(grad_clip_norm=0.0), r"grad_clip_norm must be positive or None, got 0.0"),
+    (dict(grad_clip_norm=-1.0), r"grad_clip_norm must be positive or None, got -1.0"),
 ])
 def test_training_config_rejects_bad_values_with_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainingConfig(**kwargs)
+
+
+def test_training_config_accepts_optional_settings_left_out_or_positive():
+    TrainingConfig(grad_clip_norm=None, early_stopping_patience=None)
+    TrainingConfig(grad_clip_norm=0.5, early_stopping_patience=1)
 
 
 def test_make_vit_config_rejects_unknown_size():

@@ -25,17 +25,16 @@ EPOCH_LINE = re.compile(r"^Epoch \d+ Train Loss: \d\.\d{4}, Val Loss: \d\.\d{4},
                         r"Val F1: \d\.\d{4}, Val ROC AUC: \d\.\d{4}")
 TEST_LINE = re.compile(r"^Test Loss: \d\.\d{4}, Test Accuracy: \d\.\d{4}, Test F1-score: \d\.\d{4}, "
                        r"Test ROC AUC: \d\.\d{4}$")
-# The original recipe (Adam, lr 1e-4, seed 42) at batch 8 for 4 epochs. With 10 training segments,
-# augmentation and dropout the epoch loss is noisy (3 epochs end about where they began); by epoch 4
-# it is clearly lower (0.699 -> 0.637 when written), deterministically.
-RECIPE = dict(model_size="ViT_Small", dataset_name=DATASET, epochs=4, batch_size=8, learning_rate=1e-4,
-              num_workers=0, seed=42, wandb_mode="disabled")
+# The original recipe (Adam, lr 1e-4, seed 42) at batch 8 for 3 epochs. The epoch loss on so few
+# segments is noisy (augmentation, dropout), but it is deterministic: 0.779 -> 0.706 when written.
+RECIPE = dict(model_size="ViT_Small", dataset_name=DATASET, epochs=3, batch_size=8, learning_rate=1e-4,
+              num_workers=0, seed=42, wandb_mode="disabled", progress=False)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """4 speakers x 2 clips, real and fake: 10 train, 4 val and 6 test segments. A 50/25/25 speaker
-    split, since the default 70/15/15 leaves no speaker for one of val/test with only 4 speakers."""
+    """4 speakers x 2 clips, real and fake: about 14 train, 6 val and 4 test segments. A 50/25/25
+    speaker split, since the default 70/15/15 leaves no speaker for val or test with only 4 speakers."""
     root = tmp_path_factory.mktemp("prepared")
     corpus = vit_lib.make_fixture_corpus(root / "corpus", n_speakers=4, clips_per_speaker=2)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -71,12 +70,12 @@ def losses(history, key="train_loss"):
 # ---------------------------------------------------------------- training (§5)
 def test_training_loss_falls_on_fixture(baseline):
     history = baseline.metrics["history"]
-    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"], losses(history)
     assert all(np.isfinite(losses(history)))
 
 
-def test_training_prints_epoch_and_test_lines_in_the_original_format(baseline):
+def test_training_prints_epoch_and_test_lines_in_the_original_format(prepared, baseline):
     lines = baseline.printed.splitlines()
     epoch_lines = [line for line in lines if line.startswith("Epoch ")]
     assert len(epoch_lines) == RECIPE["epochs"]
@@ -93,7 +92,9 @@ def test_training_prints_epoch_and_test_lines_in_the_original_format(baseline):
     assert f"Test F1-score: {baseline.metrics['test_f1']:.4f}" in test_lines[0]
     assert f"Trainable parameters: {vit_lib.count_parameters(vit_lib.AudioViT(config=vit_lib.ViT_Small)):,}" \
         in baseline.printed
-    assert "Dataset sizes (segments): train 10, val 4, test 6" in baseline.printed
+    sizes = prepared.summary["segments_per_split"]
+    assert f"Dataset sizes (segments): train {sizes['train']}, val {sizes['val']}, test {sizes['test']}" \
+        in baseline.printed
     assert "Device: cpu" in baseline.printed
 
 
@@ -147,25 +148,21 @@ def test_resumed_run_matches_uninterrupted_run(prepared, baseline, tmp_path):
     assert resumed["test_f1"] == baseline.metrics["test_f1"]
 
 
-def test_resume_without_a_checkpoint_starts_from_scratch(prepared, tmp_path):
-    metrics, printed = train(prepared, tmp_path, epochs=1, resume=True)
-    assert "Resuming" not in printed and len(metrics["history"]) == 1
-
-
 def test_recipe_options_run_adamw_warmup_cosine_weighted_loss_clipping_early_stopping(prepared, tmp_path):
     metrics, printed = train(prepared, tmp_path, epochs=1, optimizer="adamw", weight_decay=0.05,
                              lr_schedule="warmup_cosine", warmup_epochs=0.5, class_balance="weighted_loss",
                              grad_clip_norm=1.0, early_stopping_patience=1)
     assert len(metrics["history"]) == 1 and np.isfinite(metrics["history"][0]["train_loss"])
     assert "optimizer adamw, schedule warmup_cosine, class balance weighted_loss" in printed
-    # 2 steps in the epoch (10 segments, batch 8), warm-up 1 step, then cosine to 0 at the end
+    # warm-up over half the epoch's steps, then cosine decay to 0 at the end of the (only) epoch
     assert metrics["history"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_recipe_option_balanced_sampler_runs(prepared, tmp_path):
-    metrics, printed = train(prepared, tmp_path, epochs=1, class_balance="balanced_sampler")
+def test_recipe_option_balanced_sampler_runs_and_resume_without_checkpoint_starts_fresh(prepared, tmp_path):
+    metrics, printed = train(prepared, tmp_path, epochs=1, class_balance="balanced_sampler", resume=True)
     assert len(metrics["history"]) == 1 and np.isfinite(metrics["history"][0]["train_loss"])
     assert "class balance balanced_sampler" in printed
+    assert "Resuming" not in printed   # nothing to resume from in a fresh checkpoint folder
 
 
 def test_warmup_cosine_schedule_rises_linearly_then_decays_to_zero():
@@ -224,7 +221,9 @@ def test_ddp_two_processes_train_one_epoch_and_print_once(prepared, tmp_path):
     test_lines = [line for line in lines if line.startswith("Test ")]
     assert len(test_lines) == 1 and TEST_LINE.match(test_lines[0]), result.stdout
     assert "Device: cpu x 2 processes" in result.stdout
-    assert "Dataset sizes (segments): train 10, val 4, test 6" in result.stdout
+    sizes = prepared.summary["segments_per_split"]
+    assert f"Dataset sizes (segments): train {sizes['train']}, val {sizes['val']}, test {sizes['test']}" \
+        in result.stdout
     values = dict(re.findall(r"(Train Loss|Val Loss|Val Acc|Val F1|Val ROC AUC): (\d\.\d{4})", epoch_lines[0]))
     assert len(values) == 5 and all(0 <= float(v) <= 5 for v in values.values())
     run_name = TrainingConfig().run_name
@@ -336,7 +335,7 @@ def test_score_cli_writes_one_line_per_decodable_file_and_lists_the_rest(prepare
     lines = output.read_text().splitlines()
     assert sorted(line.split()[0] for line in lines) == ["spk01_real_0", "spk02_real_1", "sub_fake"]
     for line in lines:
-        file_id, score = line.split()
+        _, score = line.split()
         assert np.isfinite(float(score))
     # the same numbers as scoring the files one by one
     _, verdict = vit_lib.score_audio_file(folder / "spk01_real_0.wav", trained.model,
@@ -377,7 +376,8 @@ def test_wandb_without_key_goes_offline_silently_without_prompting(no_wandb_key,
         run.log({"x": 1.0})
     finally:
         run.finish()
-    assert capfd.readouterr().out == ""
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured
     assert list((no_wandb_key / "wandb").glob("offline-run-*"))
 
 
@@ -389,7 +389,8 @@ def test_wandb_mode_disabled_from_environment_gives_disabled_run(no_wandb_key, m
         run.log({"x": 1.0})
     finally:
         run.finish()
-    assert capfd.readouterr().out == ""
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured
     assert not list((no_wandb_key / "wandb").glob("offline-run-*"))
 
 
