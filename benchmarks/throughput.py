@@ -224,6 +224,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timings per figure; the median is reported")
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the fused model")
+    parser.add_argument("--warm-compile-cache", action="store_true",
+                        help="let torch.compile reuse its on-disk cache (default: a fresh one, so compile time is cold)")
     parser.add_argument("--cpu-bf16", action="store_true", help="add CPU bf16 autocast (fast only with native bf16)")
     parser.add_argument("--no-amp", action="store_true", help="on CUDA, leave out the bf16/fp16 autocast rows")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -237,6 +239,8 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="write every row here")
     args = parser.parse_args(argv)
     args.warmup = max(1, args.warmup)
+    if args.compile and not args.warm_compile_cache:  # first call = a cold compile, as on a fresh machine
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_cache_")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
