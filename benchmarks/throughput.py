@@ -5,7 +5,8 @@ scaled_dot_product_attention, fp32) and, optionally, that model under torch.comp
 autocast, each against a plain reference of the same architecture with the same weights:
 AudioViT(config, fused_attention=False) (einsum/softmax attention, fp32, no compile).
 Train = forward + cross-entropy + backward + Adam step; infer = no_grad forward in eval mode.
-Each figure is the median over --repeats timings of --iters steps, after --warmup steps.
+Each figure is the median over --repeats timings of --iters (training) or --infer-iters steps,
+after --warmup steps.
 
 FLOPs are counted analytically (a multiply-add is 2 FLOPs), per sample, n = num_patches + 1 tokens:
   patch embedding   2 * num_patches * patch_dim * dim
@@ -14,11 +15,12 @@ FLOPs are counted analytically (a multiply-add is 2 FLOPs), per sample, n = num_
   head              2 * dim * num_classes
   train = forward + backward = 3 x forward (backward counted as 2 x forward).
 LayerNorm, softmax, GELU, dropout and the optimizer are not counted (they are memory-bound).
+"samples/s" is the median over the repeats, "best" the fastest repeat (less sensitive to other load).
 The peak is a timed torch.matmul of two --peak-size square fp32 matrices at the same thread count.
 
-    .venv/bin/python benchmarks/throughput.py                       # all sizes, loader, ~5-10 min on 2 cores
+    .venv/bin/python benchmarks/throughput.py           # all sizes + loader: about 3 min on an idle 2-core CPU
     .venv/bin/python benchmarks/throughput.py --sizes ViT_Small --compile --json results/throughput.json
-    .venv/bin/python benchmarks/throughput.py --sizes ViT_Small --no-loader --iters 1 --repeats 1   # quick
+    .venv/bin/python benchmarks/throughput.py --sizes ViT_Small --no-loader --iters 1 --infer-iters 1 --repeats 1
 """
 from __future__ import annotations
 
@@ -48,6 +50,26 @@ def forward_flops(config):
     per_layer = 2 * n * (d * 3 * d + d * d + 2 * d * config.mlp_dim) + 2 * 2 * n * n * d
     return (2 * config.num_patches * config.patch_dim * d + config.depth * per_layer
             + 2 * d * config.num_classes)
+
+
+def cpu_snapshot():
+    """(all CPUs' jiffies, idle jiffies, this process's and its reaped children's CPU seconds); Linux."""
+    try:
+        with open("/proc/stat") as handle:
+            ticks = [int(v) for v in handle.readline().split()[1:9]]
+    except OSError:
+        return None
+    times = os.times()
+    return sum(ticks), ticks[3] + ticks[4], times.user + times.system + times.children_user + times.children_system
+
+
+def other_load(start, end):
+    """Share of all CPUs that other processes used between two snapshots (None where unknown)."""
+    if not start or not end or end[0] == start[0]:
+        return None
+    busy = (end[0] - start[0]) - (end[1] - start[1])
+    own = (end[2] - start[2]) * os.sysconf("SC_CLK_TCK")
+    return max(0.0, busy - own) / (end[0] - start[0])
 
 
 def sync(device):
@@ -105,16 +127,19 @@ def timed(step, device, count=1):
 
 
 def variants_for(args, device):
-    """(name, fused attention, compile, autocast dtype); the reference comes first."""
-    rows = [("reference (einsum, fp32)", False, False, None), ("fused SDPA fp32", True, False, None)]
+    """(name, fused attention, compile, autocast dtype, dropout); the reference comes first.
+    dropout None keeps the config's; the --dropout-diagnostic row is not the training recipe."""
+    rows = [("reference (einsum, fp32)", False, False, None, None), ("fused SDPA fp32", True, False, None, None)]
     if args.compile:
-        rows.append(("fused SDPA fp32 + torch.compile", True, True, None))
+        rows.append(("fused SDPA fp32 + torch.compile", True, True, None, None))
     if device.type == "cuda" and not args.no_amp:
         if torch.cuda.is_bf16_supported():
-            rows.append(("fused SDPA + autocast bf16", True, False, torch.bfloat16))
-        rows.append(("fused SDPA + autocast fp16", True, False, torch.float16))
+            rows.append(("fused SDPA + autocast bf16", True, False, torch.bfloat16, None))
+        rows.append(("fused SDPA + autocast fp16", True, False, torch.float16, None))
     if device.type == "cpu" and args.cpu_bf16:
-        rows.append(("fused SDPA + CPU autocast bf16", True, False, torch.bfloat16))
+        rows.append(("fused SDPA + CPU autocast bf16", True, False, torch.bfloat16, None))
+    if args.dropout_diagnostic:
+        rows.append(("DIAGNOSTIC fused SDPA fp32, dropout 0", True, False, None, 0.0))
     return rows
 
 
@@ -125,10 +150,15 @@ def bench_model_size(size, args, device, peak):
     torch.manual_seed(0)
     torch._dynamo.reset()  # a compiled variant compiles from scratch, with static shapes
     variants = variants_for(args, device)
-    models = [vit_lib.AudioViT(config=config, fused_attention=fused).to(device) for _, fused, _, _ in variants]
+    models = []
+    for _, fused, _, _, dropout in variants:
+        variant_config = copy.copy(config)
+        if dropout is not None:
+            variant_config.dropout = variant_config.emb_dropout = dropout
+        models.append(vit_lib.AudioViT(config=variant_config, fused_attention=fused).to(device))
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())  # identical weights
-    runners = [torch.compile(m) if compiled else m for m, (_, _, compiled, _) in zip(models, variants)]
+    runners = [torch.compile(m) if variant[2] else m for m, variant in zip(models, variants)]
     inputs = torch.randn(args.batch_size, 1, config.image_height, config.image_width, device=device)
     labels = torch.randint(0, 2, (args.batch_size,), device=device)
 
@@ -136,7 +166,7 @@ def bench_model_size(size, args, device, peak):
         with torch.no_grad():
             reference = runners[0].eval()(inputs).float()
             diffs = []
-            for runner, (_, _, _, amp_dtype) in zip(runners, variants):
+            for runner, (_, _, _, amp_dtype, _) in zip(runners, variants):
                 with autocast(device, amp_dtype):
                     diffs.append((runner.eval()(inputs).float() - reference).abs().max().item())
         return diffs
@@ -146,26 +176,29 @@ def bench_model_size(size, args, device, peak):
         if mode == "train" and max_diff is None:
             max_diff = logit_diffs()
         steps, first_calls = [], []
-        for runner, (_, _, _, amp_dtype) in zip(runners, variants):
+        for runner, (_, _, _, amp_dtype, _) in zip(runners, variants):
             runner.train(mode == "train")
             steps.append(make_step(runner, mode, inputs, labels, device, amp_dtype))
             first_calls.append(timed(steps[-1], device))
             timed(steps[-1], device, args.warmup - 1)
         if max_diff is None:
             max_diff = logit_diffs()
+        iters = args.iters if mode == "train" else args.infer_iters
         seconds = [[] for _ in variants]
         for _ in range(args.repeats):
             for index, step in enumerate(steps):
-                seconds[index].append(timed(step, device, args.iters))
-        rates = [args.batch_size * args.iters / statistics.median(times) for times in seconds]
-        for index, (name, _, _, _) in enumerate(variants):
+                seconds[index].append(timed(step, device, iters))
+        rates = [args.batch_size * iters / statistics.median(times) for times in seconds]
+        best = [args.batch_size * iters / min(times) for times in seconds]
+        for index, (name, *_) in enumerate(variants):
             gflops = rates[index] * flops * (3 if mode == "train" else 1) / 1e9
             rows.append(dict(device=device.type, size=size, mode=mode, variant=name, samples_per_s=rates[index],
+                             best_samples_per_s=best[index],
                              ratio_vs_reference=rates[index] / rates[0], gflops=gflops, peak_gflops=peak,
                              fraction_of_peak=gflops / peak, max_abs_logit_diff=max_diff[index],
                              first_call_s=first_calls[index], step_s=args.batch_size / rates[index],
                              params=vit_lib.count_parameters(models[index]), fwd_gflop_per_sample=flops / 1e9))
-            print(f"  {size:10s} {mode:5s} {name:34s} {rates[index]:8.1f} samples/s  x{rates[index] / rates[0]:.2f}"
+            print(f"  {size:10s} {mode:5s} {name:40s} {rates[index]:8.1f} samples/s  x{rates[index] / rates[0]:.2f}"
                   f"  first call {first_calls[index]:.1f} s", flush=True)
     order = {"train": 0, "infer": 1}
     return sorted(rows, key=lambda r: order[r["mode"]])  # stable: variants keep their order
@@ -220,13 +253,16 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=256, help="spectrogram width (height is N_MELS=128)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps, the first call included (>= 1)")
-    parser.add_argument("--iters", type=int, default=2, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per figure; the median is reported")
+    parser.add_argument("--iters", type=int, default=2, help="timed training steps per repeat")
+    parser.add_argument("--infer-iters", type=int, default=6, help="timed inference steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per figure; the median is reported")
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the fused model")
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="let torch.compile reuse its on-disk cache (default: a fresh one, so compile time is cold)")
     parser.add_argument("--cpu-bf16", action="store_true", help="add CPU bf16 autocast (fast only with native bf16)")
+    parser.add_argument("--dropout-diagnostic", action="store_true",
+                        help="add the fused model with dropout 0: shows what dropout costs (not the training recipe)")
     parser.add_argument("--no-amp", action="store_true", help="on CUDA, leave out the bf16/fp16 autocast rows")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -250,8 +286,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, flags: {cpu_flags()})"))
-    print(f"threads: torch {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}; "
-          f"load average at start {os.getloadavg()[0]:.2f}")
+    print(f"threads: torch {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}")
+    snapshot = cpu_snapshot()
     peak = matmul_peak_gflops(device, args.peak_size)
     print(f"fp32 matmul peak ({args.peak_size}x{args.peak_size}): {peak:.1f} GFLOP/s "
           "(measured again at the end; the higher one is used)\n", flush=True)
@@ -269,6 +305,7 @@ def main(argv=None):
     print(markdown_table(rows, [
         ("device", lambda r: r["device"]), ("size", lambda r: r["size"]), ("mode", lambda r: r["mode"]),
         ("variant", lambda r: r["variant"]), ("samples/s", lambda r: f"{r['samples_per_s']:.1f}"),
+        ("best", lambda r: f"{r['best_samples_per_s']:.1f}"),
         ("x reference", lambda r: f"{r['ratio_vs_reference']:.2f}"), ("GFLOP/s", lambda r: f"{r['gflops']:.1f}"),
         ("% of matmul peak", lambda r: f"{100 * r['fraction_of_peak']:.0f}%"),
         ("max abs logit diff vs ref", lambda r: f"{r['max_abs_logit_diff']:.1e}")]))
@@ -280,10 +317,10 @@ def main(argv=None):
             eager = next(e for e in rows if e["size"] == r["size"] and e["mode"] == r["mode"]
                          and e["variant"] == "fused SDPA fp32")
             saving = eager["step_s"] - r["step_s"]
-            payback = (r["first_call_s"] - r["step_s"]) / saving if saving > 0 else float("inf")
+            payback = (r["first_call_s"] - r["step_s"]) / saving if saving > 0 else None
             print(f"  {r['size']} {r['mode']}: first call {r['first_call_s']:.1f} s, step {r['step_s']:.2f} s "
-                  f"(uncompiled {eager['step_s']:.2f} s) -> pays back after {payback:.0f} steps "
-                  f"({payback * args.batch_size:.0f} samples)")
+                  f"(uncompiled {eager['step_s']:.2f} s) -> " + (f"pays back after {payback:.0f} steps "
+                  f"({payback * args.batch_size:.0f} samples)" if payback else "never pays back (no faster)"))
 
     loader_rows = []
     if not args.no_loader:
@@ -305,11 +342,14 @@ def main(argv=None):
             ("samples/s", lambda r: f"{r['samples_per_s']:.0f}"),
             (f"x {args.sizes[0]} training (fused)", lambda r: f"{r['ratio_vs_training']:.0f}"
              if r["ratio_vs_training"] else "-")]))
-    print(f"\nload average at end {os.getloadavg()[0]:.2f} (above {os.cpu_count()} means other work shared the CPUs)")
+    others = other_load(snapshot, cpu_snapshot())
+    if others is not None:
+        print(f"\nother processes used {100 * others:.0f}% of the CPUs during this run"
+              + (": the figures are NOT reliable, run again on an idle machine" if others > 0.05 else ""))
     if args.json:
         meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
                     threads=torch.get_num_threads(), command=sys.argv, device=str(device), cpu_flags=cpu_flags(),
-                    peak_gflops=peak, batch_size=args.batch_size, frames=args.frames)
+                    peak_gflops=peak, batch_size=args.batch_size, frames=args.frames, other_cpu_share=others)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(meta=meta, model_rows=rows, loader_rows=loader_rows), indent=2))
         print(f"rows written to {args.json}")
