@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vit_lib  # noqa: E402
+from load_monitor import cpu_snapshot, other_load  # noqa: E402
 
 
 def forward_flops(config):
@@ -50,26 +51,6 @@ def forward_flops(config):
     per_layer = 2 * n * (d * 3 * d + d * d + 2 * d * config.mlp_dim) + 2 * 2 * n * n * d
     return (2 * config.num_patches * config.patch_dim * d + config.depth * per_layer
             + 2 * d * config.num_classes)
-
-
-def cpu_snapshot():
-    """(all CPUs' jiffies, idle jiffies, this process's and its reaped children's CPU seconds); Linux."""
-    try:
-        with open("/proc/stat") as handle:
-            ticks = [int(v) for v in handle.readline().split()[1:9]]
-    except OSError:
-        return None
-    times = os.times()
-    return sum(ticks), ticks[3] + ticks[4], times.user + times.system + times.children_user + times.children_system
-
-
-def other_load(start, end):
-    """Share of all CPUs that other processes used between two snapshots (None where unknown)."""
-    if not start or not end or end[0] == start[0]:
-        return None
-    busy = (end[0] - start[0]) - (end[1] - start[1])
-    own = (end[2] - start[2]) * os.sysconf("SC_CLK_TCK")
-    return max(0.0, busy - own) / (end[0] - start[0])
 
 
 def sync(device):
