@@ -958,31 +958,67 @@ class PreNorm(nn.Module):
         return self.fn(self.norm(x), **kwargs)
 
 
+def fast_dropout(x, p, training=True):
+    """Inverted dropout, as F.dropout. On CPU, F.dropout's bernoulli_ draws one single-threaded
+    mt19937 number per element (PyTorch uses MKL's parallel generator only on Intel CPUs), about a
+    third of a ViT_Small training step on a 2-core AMD machine. Here the keep mask comes from 16
+    random bits per element out of numpy's SFC64, about 2.7x faster than torch's generator per
+    bit, seeded from torch's generator so that torch.manual_seed still fixes every mask. p is
+    rounded to a multiple of 2**-16 (0.1 -> 0.1000061). Other devices, and torch.compile, use
+    F.dropout."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, training=True)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    words = np.random.SFC64(seed).random_raw((x.numel() + 3) // 4)
+    lanes = torch.from_numpy(words).view(torch.int16)[: x.numel()].view(x.shape)
+    # comparing straight into a float tensor is one pass; a bool mask and .to(float) take three
+    keep = torch.ge(lanes, round(p * 65536) - 32768, out=torch.empty_like(x))
+    return x * keep.mul_(1 / (1 - p))
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x):
+        return fast_dropout(x, self.p, self.training)
+
+
+def make_dropout(p, fast=True):
+    """`fast=False` gives torch's own nn.Dropout (the reference formulation)."""
+    return Dropout(p) if fast else nn.Dropout(p)
+
+
 class FeedForward(nn.Module):
-    def __init__(self, dim, hidden_dim, dropout=0.0):
+    def __init__(self, dim, hidden_dim, dropout=0.0, fast=True):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
+        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), make_dropout(dropout, fast),
+                                 nn.Linear(hidden_dim, dim), make_dropout(dropout, fast))
 
     def forward(self, x):
         return self.net(x)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention. `fused=True` uses PyTorch's scaled_dot_product_attention; the
-    plain einsum/softmax path gives the same result and is used when the weights are wanted."""
+    """Multi-head self-attention. `fast=True` uses PyTorch's scaled_dot_product_attention where it
+    is faster; the plain einsum/softmax path gives the same result and is used when the weights are
+    wanted, and for training with dropout on CPU, where SDPA has no fused kernel and falls back to
+    the same math with F.dropout's slower mask."""
 
-    def __init__(self, dim, heads=8, dim_head=64, dropout=0.0, fused=True):
+    def __init__(self, dim, heads=8, dim_head=64, dropout=0.0, fast=True):
         super().__init__()
         inner_dim = dim_head * heads
-        self.heads, self.scale, self.dropout, self.fused = heads, dim_head ** -0.5, dropout, fused
+        self.heads, self.scale, self.dropout, self.fast = heads, dim_head ** -0.5, dropout, fast
         self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)
-        self.attend_dropout = nn.Dropout(dropout)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
+        self.attend_dropout = make_dropout(dropout, fast)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), make_dropout(dropout, fast))
+
+    def uses_sdpa(self, x, return_attention):
+        dropout_on_cpu = self.training and self.dropout > 0 and x.device.type == "cpu"
+        return self.fast and not return_attention and not dropout_on_cpu
 
     def forward(self, x, return_attention=False):
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
-        if self.fused and not return_attention:
+        if self.uses_sdpa(x, return_attention):
             out, attn = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0), None
         else:
             attn = (torch.einsum("bhid,bhjd->bhij", q, k) * self.scale).softmax(dim=-1)
@@ -992,11 +1028,11 @@ class Attention(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, dim, depth, heads, dim_head, mlp_dim, dropout=0.0, fused=True):
+    def __init__(self, dim, depth, heads, dim_head, mlp_dim, dropout=0.0, fast=True):
         super().__init__()
         self.layers = nn.ModuleList([
-            nn.ModuleList([PreNorm(dim, Attention(dim, heads, dim_head, dropout, fused)),
-                           PreNorm(dim, FeedForward(dim, mlp_dim, dropout))])
+            nn.ModuleList([PreNorm(dim, Attention(dim, heads, dim_head, dropout, fast)),
+                           PreNorm(dim, FeedForward(dim, mlp_dim, dropout, fast))])
             for _ in range(depth)])
 
     def forward(self, x, return_attention=False):
@@ -1013,9 +1049,11 @@ class Transformer(nn.Module):
 
 
 class AudioViT(nn.Module):
-    """ViT over a log-mel spectrogram: 16x16 patches -> tokens, CLS token -> 2 logits (real, fake)."""
+    """ViT over a log-mel spectrogram: 16x16 patches -> tokens, CLS token -> 2 logits (real, fake).
+    `fast=False` builds the plain reference formulation of the same function and parameters
+    (einsum/softmax attention, torch's nn.Dropout): the benchmark's baseline."""
 
-    def __init__(self, *, config: ViTConfig, fused_attention=True):
+    def __init__(self, *, config: ViTConfig, fast=True):
         super().__init__()
         self.config = config
         self.to_patch_embedding = nn.Sequential(
@@ -1026,9 +1064,9 @@ class AudioViT(nn.Module):
         )
         self.pos_embedding = nn.Parameter(torch.randn(1, config.num_patches + 1, config.dim))
         self.cls_token = nn.Parameter(torch.randn(1, 1, config.dim))
-        self.dropout = nn.Dropout(config.emb_dropout)
+        self.dropout = make_dropout(config.emb_dropout, fast)
         self.transformer = Transformer(config.dim, config.depth, config.heads, config.dim // config.heads,
-                                       config.mlp_dim, config.dropout, fused_attention)
+                                       config.mlp_dim, config.dropout, fast)
         self.mlp_head = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, config.num_classes))
 
     def forward(self, img, return_attention=False):
@@ -1187,6 +1225,14 @@ def train_model(model, train_loader, val_loader, optimizer, criterion, device, n
     return history
 
 
+def make_optimizer(model, config: TrainingConfig, device):
+    """Adam or AdamW as configured; the fused kernel (one pass over all parameters, the same update)
+    on CPU and CUDA, where it is about 4x faster than the per-parameter loop."""
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                           fused=device.type in ("cpu", "cuda"))
+
+
 def warmup_cosine_schedule(optimizer, warmup_steps, total_steps):
     """Linear warm-up from 0 to the base learning rate, then cosine decay to 0."""
     def factor(step):
@@ -1258,8 +1304,7 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
               f"test {len(datasets['test'])}")
         print(f"Device: {device.type}" + (f" x {world_size} processes" if world_size > 1 else ""))
         print(f"Trainable parameters: {n_params:,}")
-    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config, device)
     scheduler = None
     if config.lr_schedule == "warmup_cosine":
         steps_per_epoch = len(loaders["train"])

@@ -1,9 +1,10 @@
 """Training and inference throughput of AudioViT against a plain reference, and data-loader throughput.
 
-For every model size: the model as the project trains it (fused attention through
-scaled_dot_product_attention, fp32) and, optionally, that model under torch.compile or CUDA
-autocast, each against a plain reference of the same architecture with the same weights:
-AudioViT(config, fused_attention=False) (einsum/softmax attention, fp32, no compile).
+For every model size: the model as the project trains it (AudioViT(config): attention through
+scaled_dot_product_attention where that is faster, vit_lib.fast_dropout's CPU mask, fp32) and,
+optionally, that model under torch.compile or CUDA autocast, each against a plain reference of the
+same architecture with the same weights: AudioViT(config, fast=False) (einsum/softmax attention,
+torch's nn.Dropout, fp32, no compile).
 Train = forward + cross-entropy + backward + Adam step; infer = no_grad forward in eval mode.
 Each figure is the median over --repeats timings of --iters (training) or --infer-iters steps,
 after --warmup steps.
@@ -15,7 +16,9 @@ FLOPs are counted analytically (a multiply-add is 2 FLOPs), per sample, n = num_
   head              2 * dim * num_classes
   train = forward + backward = 3 x forward (backward counted as 2 x forward).
 LayerNorm, softmax, GELU, dropout and the optimizer are not counted (they are memory-bound).
-"samples/s" is the median over the repeats, "best" the fastest repeat (less sensitive to other load).
+"samples/s" is the median over the repeats, "best" the fastest repeat (less sensitive to other load);
+"x reference" is the median over the repeats of the speed ratio within a repeat, where the variants
+run one after the other, so that a drift in the machine's speed cancels out.
 The peak is a timed torch.matmul of two --peak-size square fp32 matrices at the same thread count.
 
     .venv/bin/python benchmarks/throughput.py           # all sizes + loader: about 3 min on an idle 2-core CPU
@@ -76,14 +79,17 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
 
 
-def make_step(model, mode, inputs, labels, device, amp_dtype):
-    """One training step (forward, loss, backward, Adam) or one inference forward."""
+def make_step(model, mode, inputs, labels, device, amp_dtype, fast):
+    """One training step (forward, loss, backward, Adam) or one inference forward. The project's
+    variants build Adam as run_training does (vit_lib.make_optimizer: fused), the reference
+    uses torch.optim.Adam's default per-parameter loop."""
     if mode == "infer":
         def step():
             with torch.no_grad(), autocast(device, amp_dtype):
                 model(inputs)
         return step
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = (vit_lib.make_optimizer(model, vit_lib.TrainingConfig(), device) if fast
+                 else torch.optim.Adam(model.parameters(), lr=vit_lib.TrainingConfig().learning_rate))
     criterion = torch.nn.CrossEntropyLoss()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -107,36 +113,39 @@ def timed(step, device, count=1):
     return time.perf_counter() - start
 
 
+PROJECT = "AudioViT fp32"
+
+
 def variants_for(args, device):
-    """(name, fused attention, compile, autocast dtype, dropout); the reference comes first.
+    """(name, fast, compile, autocast dtype, dropout); the reference comes first.
     dropout None keeps the config's; the --dropout-diagnostic row is not the training recipe."""
-    rows = [("reference (einsum, fp32)", False, False, None, None), ("fused SDPA fp32", True, False, None, None)]
+    rows = [("reference (einsum, nn.Dropout, fp32)", False, False, None, None), (PROJECT, True, False, None, None)]
     if args.compile:
-        rows.append(("fused SDPA fp32 + torch.compile", True, True, None, None))
+        rows.append((f"{PROJECT} + torch.compile", True, True, None, None))
     if device.type == "cuda" and not args.no_amp:
         if torch.cuda.is_bf16_supported():
-            rows.append(("fused SDPA + autocast bf16", True, False, torch.bfloat16, None))
-        rows.append(("fused SDPA + autocast fp16", True, False, torch.float16, None))
+            rows.append(("AudioViT + autocast bf16", True, False, torch.bfloat16, None))
+        rows.append(("AudioViT + autocast fp16", True, False, torch.float16, None))
     if device.type == "cpu" and args.cpu_bf16:
-        rows.append(("fused SDPA + CPU autocast bf16", True, False, torch.bfloat16, None))
+        rows.append(("AudioViT + CPU autocast bf16", True, False, torch.bfloat16, None))
     if args.dropout_diagnostic:
-        rows.append(("DIAGNOSTIC fused SDPA fp32, dropout 0", True, False, None, 0.0))
+        rows.append((f"DIAGNOSTIC {PROJECT}, dropout 0", True, False, None, 0.0))
     return rows
 
 
 def bench_model_size(size, args, device, peak):
-    """Rows for one model size. The variants' timings are interleaved (reference, fused, ...,
-    reference, fused, ...) so that a change in machine load between them does not bias the ratios."""
+    """Rows for one model size. The variants' timings are interleaved (reference, AudioViT, ...,
+    reference, AudioViT, ...) so that a change in machine load between them does not bias the ratios."""
     config = vit_lib.make_vit_config(size, (vit_lib.DataConfig.N_MELS, args.frames))
     torch.manual_seed(0)
     torch._dynamo.reset()  # a compiled variant compiles from scratch, with static shapes
     variants = variants_for(args, device)
     models = []
-    for _, fused, _, _, dropout in variants:
+    for _, fast, _, _, dropout in variants:
         variant_config = copy.copy(config)
         if dropout is not None:
             variant_config.dropout = variant_config.emb_dropout = dropout
-        models.append(vit_lib.AudioViT(config=variant_config, fused_attention=fused).to(device))
+        models.append(vit_lib.AudioViT(config=variant_config, fast=fast).to(device))
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())  # identical weights
     runners = [torch.compile(m) if variant[2] else m for m, variant in zip(models, variants)]
@@ -157,9 +166,9 @@ def bench_model_size(size, args, device, peak):
         if mode == "train" and max_diff is None:
             max_diff = logit_diffs()
         steps, first_calls = [], []
-        for runner, (_, _, _, amp_dtype, _) in zip(runners, variants):
+        for runner, (_, fast, _, amp_dtype, _) in zip(runners, variants):
             runner.train(mode == "train")
-            steps.append(make_step(runner, mode, inputs, labels, device, amp_dtype))
+            steps.append(make_step(runner, mode, inputs, labels, device, amp_dtype, fast))
             first_calls.append(timed(steps[-1], device))
             timed(steps[-1], device, args.warmup - 1)
         if max_diff is None:
@@ -170,16 +179,17 @@ def bench_model_size(size, args, device, peak):
             for index, step in enumerate(steps):
                 seconds[index].append(timed(step, device, iters))
         rates = [args.batch_size * iters / statistics.median(times) for times in seconds]
+        ratios = [statistics.median(ref / own for ref, own in zip(seconds[0], times)) for times in seconds]
         best = [args.batch_size * iters / min(times) for times in seconds]
         for index, (name, *_) in enumerate(variants):
             gflops = rates[index] * flops * (3 if mode == "train" else 1) / 1e9
             rows.append(dict(device=device.type, size=size, mode=mode, variant=name, samples_per_s=rates[index],
                              best_samples_per_s=best[index],
-                             ratio_vs_reference=rates[index] / rates[0], gflops=gflops, peak_gflops=peak,
+                             ratio_vs_reference=ratios[index], gflops=gflops, peak_gflops=peak,
                              fraction_of_peak=gflops / peak, max_abs_logit_diff=max_diff[index],
                              first_call_s=first_calls[index], step_s=args.batch_size / rates[index],
                              params=vit_lib.count_parameters(models[index]), fwd_gflop_per_sample=flops / 1e9))
-            print(f"  {size:10s} {mode:5s} {name:40s} {rates[index]:8.1f} samples/s  x{rates[index] / rates[0]:.2f}"
+            print(f"  {size:10s} {mode:5s} {name:40s} {rates[index]:8.1f} samples/s  x{ratios[index]:.2f}"
                   f"  first call {first_calls[index]:.1f} s", flush=True)
     order = {"train": 0, "infer": 1}
     return sorted(rows, key=lambda r: order[r["mode"]])  # stable: variants keep their order
@@ -238,12 +248,12 @@ def main(argv=None):
     parser.add_argument("--infer-iters", type=int, default=6, help="timed inference steps per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="timings per figure; the median is reported")
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
-    parser.add_argument("--compile", action="store_true", help="add torch.compile of the fused model")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile of the project's model")
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="let torch.compile reuse its on-disk cache (default: a fresh one, so compile time is cold)")
     parser.add_argument("--cpu-bf16", action="store_true", help="add CPU bf16 autocast (fast only with native bf16)")
     parser.add_argument("--dropout-diagnostic", action="store_true",
-                        help="add the fused model with dropout 0: shows what dropout costs (not the training recipe)")
+                        help="add the project's model with dropout 0: shows what dropout costs (not the training recipe)")
     parser.add_argument("--no-amp", action="store_true", help="on CUDA, leave out the bf16/fp16 autocast rows")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -293,10 +303,10 @@ def main(argv=None):
     compiled = [r for r in rows if "compile" in r["variant"]]
     if compiled:
         print("\ntorch.compile cost: first call (compilation) against the steady step, and how many steps "
-              "of the compiled model it takes to earn the compilation back against the uncompiled fused model")
+              "of the compiled model it takes to earn the compilation back against the uncompiled model")
         for r in compiled:
             eager = next(e for e in rows if e["size"] == r["size"] and e["mode"] == r["mode"]
-                         and e["variant"] == "fused SDPA fp32")
+                         and e["variant"] == PROJECT)
             saving = eager["step_s"] - r["step_s"]
             payback = (r["first_call_s"] - r["step_s"]) / saving if saving > 0 else None
             print(f"  {r['size']} {r['mode']}: first call {r['first_call_s']:.1f} s, step {r['step_s']:.2f} s "
@@ -311,7 +321,7 @@ def main(argv=None):
             for count in workers:
                 loader_rows.append(bench_loader(dataset_dir, count, args.loader_epochs, args.batch_size))
         small = next((r for r in rows if r["size"] == args.sizes[0] and r["mode"] == "train"
-                      and r["variant"] == "fused SDPA fp32"), None)
+                      and r["variant"] == PROJECT), None)
         for row in loader_rows:
             row["training_samples_per_s"] = small["samples_per_s"] if small else None
             row["ratio_vs_training"] = row["samples_per_s"] / small["samples_per_s"] if small else None
@@ -321,7 +331,7 @@ def main(argv=None):
             ("num_workers", lambda r: str(r["workers"])), ("items", lambda r: str(r["samples"])),
             ("first epoch s", lambda r: f"{r['first_epoch_s']:.2f}"),
             ("samples/s", lambda r: f"{r['samples_per_s']:.0f}"),
-            (f"x {args.sizes[0]} training (fused)", lambda r: f"{r['ratio_vs_training']:.0f}"
+            (f"x {args.sizes[0]} training", lambda r: f"{r['ratio_vs_training']:.0f}"
              if r["ratio_vs_training"] else "-")]))
     others = other_load(snapshot, cpu_snapshot())
     if others is not None:

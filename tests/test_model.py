@@ -183,13 +183,16 @@ def test_return_attention_gives_one_row_stochastic_map_per_layer():
         torch.testing.assert_close(weights.sum(dim=-1), torch.ones(2, config.heads, n), atol=1e-6, rtol=0)
 
 
-def test_fused_attention_equals_einsum_attention_on_same_weights():
+def test_fast_model_equals_reference_formulation_on_same_weights():
     torch.manual_seed(0)
-    plain = AudioViT(config=vit_lib.ViT_Small, fused_attention=False).eval()
-    fused = AudioViT(config=vit_lib.ViT_Small, fused_attention=True).eval()
+    plain = AudioViT(config=vit_lib.ViT_Small, fast=False).eval()
+    fused = AudioViT(config=vit_lib.ViT_Small, fast=True).eval()
     fused.load_state_dict(plain.state_dict())
-    assert all(layer[0].fn.fused for layer in fused.transformer.layers)
-    assert not any(layer[0].fn.fused for layer in plain.transformer.layers)
+    assert all(layer[0].fn.fast for layer in fused.transformer.layers)
+    assert not any(layer[0].fn.fast for layer in plain.transformer.layers)
+    dropouts = [type(m) for m in plain.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) == 1 + 4 * vit_lib.ViT_Small.depth and set(dropouts) == {torch.nn.Dropout}
+    assert {type(m) for m in fused.modules() if isinstance(m, torch.nn.Dropout)} == {vit_lib.Dropout}
     x = torch.randn(2, 1, 128, 256)
     with torch.no_grad():
         expected, fused_out = plain(x), fused(x)
@@ -200,13 +203,58 @@ def test_fused_attention_equals_einsum_attention_on_same_weights():
 
 def test_fused_attention_module_equals_einsum_formula():
     torch.manual_seed(0)
-    attention = vit_lib.Attention(32, heads=4, dim_head=8, fused=True).eval()
+    attention = vit_lib.Attention(32, heads=4, dim_head=8, fast=True).eval()
     x = torch.randn(3, 7, 32)
     q, k, v = (t.reshape(3, 7, 4, 8).transpose(1, 2) for t in attention.to_qkv(x).chunk(3, dim=-1))
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
     expected = attention.to_out((weights @ v).transpose(1, 2).reshape(3, 7, 32))
     with torch.no_grad():
         torch.testing.assert_close(attention(x), expected, atol=1e-5, rtol=0)
+
+
+def test_fast_dropout_zeroes_a_fraction_p_and_rescales_the_rest():
+    torch.manual_seed(0)
+    x = torch.rand(400_000) + 1.0
+    y = vit_lib.fast_dropout(x, 0.1)
+    dropped = y == 0
+    # every one of the four 16-bit lanes of each 64-bit draw is unbiased (binomial sd ~0.001)
+    for lane in range(4):
+        assert abs(dropped[lane::4].float().mean().item() - 0.1) < 0.006
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.9)
+
+
+def test_fast_dropout_gradient_uses_the_same_mask():
+    torch.manual_seed(0)
+    x = torch.randn(64, 129, requires_grad=True)
+    y = vit_lib.fast_dropout(x, 0.25)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (y != 0).float() / 0.75)
+
+
+def test_fast_dropout_is_identity_when_off_and_reproducible_under_a_seed():
+    x = torch.randn(8, 16)
+    assert vit_lib.fast_dropout(x, 0.1, training=False) is x
+    assert vit_lib.fast_dropout(x, 0.0) is x
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        draws.append((vit_lib.fast_dropout(x, 0.5), vit_lib.fast_dropout(x, 0.5)))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+    assert not torch.equal(draws[0][0], draws[0][1])   # each call draws a fresh mask
+    odd_shape = torch.ones(3, 5, 7)                      # numel not a multiple of 4
+    assert vit_lib.fast_dropout(odd_shape, 0.5).shape == (3, 5, 7)
+
+
+def test_fast_model_trains_on_cpu_without_sdpa_and_evaluates_with_it():
+    torch.manual_seed(0)
+    config = ViTConfig("t", (32, 64), **TINY)
+    model = AudioViT(config=config)
+    attention, x = model.transformer.layers[0][0].fn, torch.randn(2, 9, config.dim)
+    assert not attention.uses_sdpa(x, return_attention=False)      # dropout on CPU: our mask
+    assert attention.eval().uses_sdpa(x, return_attention=False)
+    assert not attention.uses_sdpa(x, return_attention=True)        # the maps need the einsum path
+    model.train()(torch.randn(2, 1, 32, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_cls_attention_and_rollout_give_one_weight_per_patch():
