@@ -21,7 +21,7 @@ LayerNorm, softmax, GELU, dropout and the optimizer are not counted (they are me
 run one after the other, so that a drift in the machine's speed cancels out.
 The peak is a timed torch.matmul of two --peak-size square fp32 matrices at the same thread count.
 
-    .venv/bin/python benchmarks/throughput.py           # all sizes + loader: about 3 min on an idle 2-core CPU
+    .venv/bin/python benchmarks/throughput.py           # all sizes + loader: about 4 min on an idle 2-core CPU
     .venv/bin/python benchmarks/throughput.py --sizes ViT_Small --compile --json results/throughput.json
     .venv/bin/python benchmarks/throughput.py --sizes ViT_Small --no-loader --iters 1 --infer-iters 1 --repeats 1
 """
