@@ -168,12 +168,19 @@ def test_attention_and_transformer_keep_token_shape():
     assert out.shape == (2, 5, 32) and len(maps) == 3
 
 
-def test_return_attention_gives_one_row_stochastic_map_per_layer():
+@pytest.fixture
+def tiny_attention_maps():
+    """(config, logits, attention maps) of a tiny eval-mode AudioViT on a random batch of 2."""
     torch.manual_seed(0)
     config = ViTConfig("t", (32, 64), **TINY)
     model = AudioViT(config=config).eval()
     with torch.no_grad():
         logits, maps = model(torch.randn(2, 1, 32, 64), return_attention=True)
+    return config, logits, maps
+
+
+def test_return_attention_gives_one_row_stochastic_map_per_layer(tiny_attention_maps):
+    config, logits, maps = tiny_attention_maps
     n = config.num_patches + 1
     assert logits.shape == (2, 2)
     assert len(maps) == config.depth
@@ -257,12 +264,8 @@ def test_fast_model_trains_on_cpu_without_sdpa_and_evaluates_with_it():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_cls_attention_and_rollout_give_one_weight_per_patch():
-    torch.manual_seed(0)
-    config = ViTConfig("t", (32, 64), **TINY)
-    model = AudioViT(config=config).eval()
-    with torch.no_grad():
-        _, maps = model(torch.randn(2, 1, 32, 64), return_attention=True)
+def test_cls_attention_and_rollout_give_one_weight_per_patch(tiny_attention_maps):
+    config, _, maps = tiny_attention_maps
     cls = vit_lib.cls_attention(maps)
     rollout = vit_lib.attention_rollout(maps)
     assert cls.shape == (2, config.num_patches)
