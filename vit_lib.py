@@ -1,7 +1,7 @@
 """ViT audio deepfake detector: everything the notebooks share.
 
 Sections follow the data: configuration -> audio features -> corpora and preparation -> dataset
--> model -> training -> evaluation -> inference -> plots -> tracking -> command line.
+-> model -> training -> evaluation -> LFCC-GMM baseline -> inference -> plots -> tracking -> command line.
 Label convention everywhere: 0 = real (bona fide), 1 = fake (spoof).
 Score convention (ASVspoof): higher score = more bona fide; score = logit_real - logit_fake.
 """
@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
+import itertools
 import json
 import math
 import multiprocessing as mp
 import os
 import random
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +49,9 @@ WANDB_PROJECT = "audio-deepfake-detection"
 
 
 # ---------------------------------------------------------------- configuration
+FEATURES = ("log_mel", "linear", "lfcc")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     SEED: int = 42
@@ -70,11 +77,27 @@ class DataConfig:
     TRIM_SILENCE: bool = False
     TRIM_TOP_DB: float = 40.0
     MIN_CLIP_SECONDS: float = 0.1
+    # The model's input image, N_MELS rows high: "log_mel" (mel filter bank energies in dB),
+    # "linear" (the same with linearly spaced filters, as fine at 7 kHz as at 100 Hz) or "lfcc"
+    # (the DCT of the linear energies in dB: linear-frequency cepstral coefficients).
+    FEATURE: str = "log_mel"
+
+    def __post_init__(self):
+        if self.FEATURE not in FEATURES:
+            raise ValueError(f"FEATURE must be one of {FEATURES}, got {self.FEATURE!r}")
+
+    @property
+    def fill_value(self):
+        """What padding and SpecAugment masks write: silence in dB, the mean for cepstra."""
+        return 0.0 if self.FEATURE == "lfcc" else self.MASK_REPLACEMENT_VALUE
 
 
 class ModelConfig:
+    """Segment length, overlap and augmentation switches; the spectrogram width follows from the
+    segment length at `data_config`'s sample rate and hop, rounded up to whole patches."""
+
     def __init__(self, name, audio_length_seconds, overlap_ratio, apply_augmentation=False,
-                 apply_waveform_augmentation=False, patch_width=16):
+                 apply_waveform_augmentation=False, patch_width=16, data_config=DataConfig()):
         if audio_length_seconds <= 0:
             raise ValueError(f"audio_length_seconds must be positive, got {audio_length_seconds}")
         if not 0 <= overlap_ratio < 1:
@@ -85,8 +108,13 @@ class ModelConfig:
         self.apply_augmentation = apply_augmentation
         self.apply_waveform_augmentation = apply_waveform_augmentation
         self.patch_width = patch_width
-        frames = (audio_length_seconds * DataConfig.SR) / DataConfig.HOP_LENGTH
+        frames = (audio_length_seconds * data_config.SR) / data_config.HOP_LENGTH
         self.max_frames_spec = int(math.ceil(frames / patch_width) * patch_width)
+
+    @classmethod
+    def from_dict(cls, saved, data_config=DataConfig()):
+        """Rebuild from `as_dict()` output (a checkpoint's), counting frames at `data_config`."""
+        return cls(**{k: v for k, v in saved.items() if k != "max_frames_spec"}, data_config=data_config)
 
     def as_dict(self):
         return {k: getattr(self, k) for k in ("name", "audio_length_seconds", "overlap_ratio",
@@ -103,28 +131,69 @@ ALL_MODEL_CONFIGS = {
 }
 
 
+def make_model_config(dataset_name, data_config=DataConfig()):
+    """The named dataset's ModelConfig for a run with `data_config` (ALL_MODEL_CONFIGS count frames
+    at the default sample rate and hop)."""
+    if dataset_name not in ALL_MODEL_CONFIGS:
+        raise ValueError(f"Unknown dataset_name {dataset_name!r}; choose one of {sorted(ALL_MODEL_CONFIGS)}")
+    return ModelConfig.from_dict(ALL_MODEL_CONFIGS[dataset_name].as_dict(), data_config)
+
+
+def data_settings(data_config):
+    """The DataConfig as a checkpoint stores it: every setting that shapes the inputs, not the cache folder."""
+    return {k: v for k, v in asdict(data_config).items() if k != "CACHE_DIR"}
+
+
+def inference_settings(checkpoint, source="checkpoint"):
+    """(DataConfig, (mean, std)) with which a checkpoint's model had its inputs made: the data settings
+    it stores (the defaults for a checkpoint written before they were stored), and the train statistics
+    of a globally normalised model ((None, None): per-spectrogram normalisation)."""
+    saved = checkpoint.get("data_config", {})
+    unknown = sorted(set(saved) - {f.name for f in fields(DataConfig) if f.init})
+    if unknown:
+        raise ValueError(f"{source}: unknown data setting(s) {unknown}; it was written by another version "
+                         f"of vit_lib, whose DataConfig has them")
+    data_config = DataConfig(**saved)
+    if not data_config.USE_GLOBAL_NORMALIZATION:
+        return data_config, (None, None)
+    if not checkpoint.get("normalization"):
+        raise ValueError(f"{source}: the model was trained with global normalisation, but the checkpoint "
+                         f"holds no train mean/std")
+    return data_config, (checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"])
+
+
 class ViTConfig:
     def __init__(self, name, image_size, patch_size, dim, depth, heads, mlp_dim, dropout=0.1,
-                 emb_dropout=0.1, channels=1, num_classes=2):
+                 emb_dropout=0.1, channels=1, num_classes=2, patch_stride=None, patch_norm=True, pool="cls"):
         self.name = name
         self.image_height, self.image_width = image_size
         self.patch_height, self.patch_width = patch_size
-        if self.image_height % self.patch_height or self.image_width % self.patch_width:
+        # A stride below the patch size makes patches overlap, as in the Audio Spectrogram Transformer.
+        self.stride_height, self.stride_width = patch_stride or patch_size
+        if (self.image_height - self.patch_height) % self.stride_height or \
+                (self.image_width - self.patch_width) % self.stride_width:
             raise ValueError(f"{name}: image size {tuple(image_size)} is not divisible by patch size "
-                             f"{tuple(patch_size)}")
+                             f"{tuple(patch_size)} with stride {(self.stride_height, self.stride_width)}")
         if dim % heads:
             raise ValueError(f"{name}: dim {dim} is not divisible by heads {heads}")
         self.dim, self.depth, self.heads, self.mlp_dim = dim, depth, heads, mlp_dim
         self.dropout, self.emb_dropout = dropout, emb_dropout
         self.channels, self.num_classes = channels, num_classes
-        self.num_patches = (self.image_height // self.patch_height) * (self.image_width // self.patch_width)
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"{name}: pool must be 'cls' or 'mean', got {pool!r}")
+        self.patch_norm, self.pool = patch_norm, pool
+        self.patch_rows = (self.image_height - self.patch_height) // self.stride_height + 1
+        self.patch_columns = (self.image_width - self.patch_width) // self.stride_width + 1
+        self.num_patches = self.patch_rows * self.patch_columns
         self.patch_dim = channels * self.patch_height * self.patch_width
 
     def as_dict(self):
         return dict(name=self.name, image_size=[self.image_height, self.image_width],
                     patch_size=[self.patch_height, self.patch_width], dim=self.dim, depth=self.depth,
                     heads=self.heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
-                    emb_dropout=self.emb_dropout, channels=self.channels, num_classes=self.num_classes)
+                    emb_dropout=self.emb_dropout, channels=self.channels, num_classes=self.num_classes,
+                    patch_stride=[self.stride_height, self.stride_width], patch_norm=self.patch_norm,
+                    pool=self.pool)
 
     def __repr__(self):
         return f"ViTConfig({self.as_dict()})"
@@ -139,10 +208,10 @@ VIT_SIZES = {
 }
 
 
-def make_vit_config(model_size, image_size=(DataConfig.N_MELS, 256), patch_size=(16, 16)):
+def make_vit_config(model_size, image_size=(DataConfig.N_MELS, 256), patch_size=(16, 16), patch_stride=None):
     if model_size not in VIT_SIZES:
         raise ValueError(f"Unknown model size {model_size!r}; choose one of {sorted(VIT_SIZES)}")
-    return ViTConfig(model_size, image_size, patch_size, **VIT_SIZES[model_size])
+    return ViTConfig(model_size, image_size, patch_size, **VIT_SIZES[model_size], patch_stride=patch_stride)
 
 
 ViT_Small = make_vit_config("ViT_Small")
@@ -152,7 +221,7 @@ ViT_Large = make_vit_config("ViT_Large")
 
 @dataclass
 class TrainingConfig:
-    model_size: str = "ViT_Small"
+    model_size: str = "ViT_Small"         # ViT_Small/Medium/Large, or CNN_Small/Medium/Large for the CNN baseline
     dataset_name: str = "vit_balanced_dataset"
     epochs: int = 10
     learning_rate: float = 1e-4
@@ -171,14 +240,16 @@ class TrainingConfig:
     grad_clip_norm: float | None = None
     mixed_precision: bool = True         # only ever used on CUDA
     early_stopping_patience: int | None = None
+    select_best_by: str = "val_f1"       # "val_f1" (the original recipe) or "val_eer"
     compile: bool = False
     resume: bool = False
     wandb_mode: str | None = None        # None: online with a key, else offline; or "disabled"
     progress: bool = True                # per-batch progress bars
 
     def __post_init__(self):
-        if self.model_size not in VIT_SIZES:
-            raise ValueError(f"Unknown model_size {self.model_size!r}; choose one of {sorted(VIT_SIZES)}")
+        if self.model_size not in {**VIT_SIZES, **CNN_SIZES}:
+            raise ValueError(f"Unknown model_size {self.model_size!r}; "
+                             f"choose one of {[*VIT_SIZES, *CNN_SIZES]}")
         if self.dataset_name not in ALL_MODEL_CONFIGS:
             raise ValueError(f"Unknown dataset_name {self.dataset_name!r}; "
                              f"choose one of {sorted(ALL_MODEL_CONFIGS)}")
@@ -192,12 +263,21 @@ class TrainingConfig:
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive or None, got {getattr(self, name)!r}")
         choices = {"optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "warmup_cosine"),
-                   "class_balance": ("none", "weighted_loss", "balanced_sampler")}
+                   "class_balance": ("none", "weighted_loss", "balanced_sampler"),
+                   "select_best_by": ("val_f1", "val_eer")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.run_name is None:
             self.run_name = f"{self.model_size}_{self.dataset_name}"
+
+    @property
+    def architecture(self):
+        return "cnn" if self.model_size in CNN_SIZES else "vit"
+
+    def checkpoint_path(self, which="best"):
+        """`{best|last}_{vit|cnn}_model_{run_name}.pth`, the original notebooks' names."""
+        return Path(self.checkpoint_dir) / f"{which}_{self.architecture}_model_{self.run_name}.pth"
 
 
 # ---------------------------------------------------------------- audio features
@@ -205,34 +285,83 @@ class AudioError(Exception):
     """A clip that cannot be used; the message is the reason recorded in skipped.csv."""
 
 
-def load_audio(path, sr=DataConfig.SR):
-    """Decode any common format to mono float32 at `sr` Hz."""
+# One decoding rule, the same on every machine: libsndfile alone decodes the formats it reads (a file
+# it rejects is unusable, even where another decoder would accept it), and ffmpeg decodes the formats
+# libsndfile cannot read, or the file is reported as needing it.
+SNDFILE_EXTENSIONS = {".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".aifc",
+                      ".au", ".snd"}
+FFMPEG_EXTENSIONS = {".aac", ".m4a", ".mp4", ".webm", ".wma", ".amr", ".mka"}
+
+
+def _libsndfile_failure(error, path):
+    """The AudioError for libsndfile's `error` on `path`: its first line, naming the file, not its folder."""
+    reason = str(error).splitlines()[0].replace(str(path), path.name)
+    return AudioError(f"cannot decode: {reason}")
+
+
+def _check_not_cut_off(extra_info):
+    """libsndfile silently decodes a cut-off WAV as a shorter clip; its header log (`extra_info`) tells."""
+    declared = re.search(r"^data : (\d+) \(should be (\d+)\)", extra_info, re.M)
+    if declared and int(declared.group(2)) < int(declared.group(1)) < 0x7FFFFFFF:  # not a streamed WAV
+        raise AudioError(f"truncated file: header declares {declared.group(1)} data bytes, "
+                         f"only {declared.group(2)} present")
+
+
+def _decode_with_libsndfile(path):
     import soundfile as sf
+    try:
+        audio, file_sr = sf.read(path, dtype="float32", always_2d=True)
+        extra_info = sf.info(path).extra_info
+    except Exception as error:
+        raise _libsndfile_failure(error, path) from None
+    _check_not_cut_off(extra_info)
+    return audio, file_sr
+
+
+def _ffmpeg_command(path):
+    """ffmpeg writing all of `path`'s channels at its own rate, as 32-bit float WAV, to stdout, so the
+    downmix and resampling after it are the same as for libsndfile's formats."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise AudioError(f"needs ffmpeg (apt-get install ffmpeg) to decode {path.suffix.lower()} files")
+    return [ffmpeg, "-nostdin", "-v", "error", "-i", f"file:{path}", "-f", "wav", "-c:a", "pcm_f32le", "-"]
+
+
+def _ffmpeg_failure(returncode, stderr, path):
+    """The AudioError of an ffmpeg run, None when it decoded cleanly. ffmpeg exits with status 0 on
+    some damaged files (a cut-off WebM) but says so at level "error"."""
+    messages = stderr.decode(errors="replace").strip().splitlines()
+    if not returncode and not messages:
+        return None
+    reason = messages[0] if messages else f"exit status {returncode}"
+    reason = re.sub(r"^\[[^\]]*\] ", "", reason).replace(f"file:{path}", path.name)
+    return AudioError(f"ffmpeg cannot decode: {reason}")
+
+
+def _decode_with_ffmpeg(path):
+    """All channels at the file's own rate, through a pipe (see _ffmpeg_command)."""
+    import soundfile as sf
+    result = subprocess.run(_ffmpeg_command(path), capture_output=True)
+    failure = _ffmpeg_failure(result.returncode, result.stderr, path)
+    if failure is not None:
+        raise failure
+    try:
+        return sf.read(io.BytesIO(result.stdout), dtype="float32", always_2d=True)
+    except Exception:
+        raise AudioError("ffmpeg cannot decode: no audio stream in its output") from None
+
+
+def load_audio(path, sr=DataConfig.SR):
+    """Decode to mono (the mean of the channels) float32 at `sr` Hz: FFMPEG_EXTENSIONS with ffmpeg,
+    every other file with libsndfile."""
     import soxr
     path = Path(path)
     if not path.is_file():
         raise AudioError("file not found")
     if path.stat().st_size == 0:
         raise AudioError("empty file")
-    try:
-        audio, file_sr = sf.read(path, dtype="float32", always_2d=True)
-        # libsndfile silently decodes a cut-off WAV as a shorter clip; its header log tells
-        declared = re.search(r"^data : (\d+) \(should be (\d+)\)", sf.info(path).extra_info, re.M)
-        if declared and int(declared.group(2)) < int(declared.group(1)) < 0x7FFFFFFF:  # not a streamed WAV
-            raise AudioError(f"truncated file: header declares {declared.group(1)} data bytes, "
-                             f"only {declared.group(2)} present")
-    except AudioError:
-        raise
-    except Exception as sf_error:
-        try:  # formats libsndfile lacks go through librosa's audioread fallback
-            import librosa
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mono, file_sr = librosa.load(path, sr=None, mono=True)
-            audio = mono[:, None]
-        except Exception:
-            reason = str(sf_error).splitlines()[0].replace(str(path), path.name)
-            raise AudioError(f"cannot decode: {reason}") from None
+    decode = _decode_with_ffmpeg if path.suffix.lower() in FFMPEG_EXTENSIONS else _decode_with_libsndfile
+    audio, file_sr = decode(path)
     if audio.size == 0:
         raise AudioError("no samples")
     if not np.isfinite(audio).all():
@@ -249,21 +378,46 @@ def loudness_normalize(audio, sr=DataConfig.SR, target_lufs=DataConfig.LOUDNESS_
     block = 0.4  # BS.1770 gating block: shorter clips are measured on a looped copy
     measured = audio if len(audio) >= block * sr else np.resize(audio, int(block * sr) + 1)
     loudness = pyloudnorm.Meter(sr, block_size=block).integrated_loudness(measured)
+    return (audio * loudness_gain(loudness, target_lufs)).astype(np.float32), float(loudness)
+
+
+def loudness_gain(loudness, target_lufs=DataConfig.LOUDNESS_LUFS):
+    """The factor that brings a clip measured at `loudness` LUFS to `target_lufs`; a numpy float64, so
+    a float32 clip is scaled in float64 whichever meter measured it."""
     if not np.isfinite(loudness):
         raise AudioError("silent clip (loudness is -inf)")
-    gain = 10.0 ** ((target_lufs - loudness) / 20.0)
-    return (audio * gain).astype(np.float32), float(loudness)
+    return np.float64(10.0 ** ((target_lufs - float(loudness)) / 20.0))
 
 
 def non_silent_bounds(audio, top_db=DataConfig.TRIM_TOP_DB, frame=2048, hop=512):
     """(start, end) sample indices of the part louder than peak - top_db, by frame RMS."""
     padded = np.pad(audio, (frame // 2, frame // 2))
     frames = np.lib.stride_tricks.sliding_window_view(padded, frame)[::hop]
-    rms_db = 10 * np.log10(np.maximum((frames.astype(np.float64) ** 2).mean(axis=1), 1e-20))
+    return loud_span((frames.astype(np.float64) ** 2).mean(axis=1), len(audio), top_db, hop)
+
+
+def loud_span(frame_energies, n_samples, top_db, hop):
+    """non_silent_bounds from the mean square of each frame (frame i centred on sample i * hop)."""
+    rms_db = 10 * np.log10(np.maximum(frame_energies, 1e-20))
     loud = np.flatnonzero(rms_db > rms_db.max() - top_db)
     if loud.size == 0:
         return 0, 0
-    return int(loud[0] * hop), min(len(audio), int((loud[-1] + 1) * hop))
+    return int(loud[0] * hop), min(n_samples, int((loud[-1] + 1) * hop))
+
+
+def segment_geometry(sr, segment_seconds, overlap_ratio):
+    """(segment length, step between segment starts), in samples."""
+    length = int(round(segment_seconds * sr))
+    return length, max(1, int(round(length * (1 - overlap_ratio))))
+
+
+def segment_starts(n_samples, length, step):
+    """Where the segments of a clip at least one segment long start: every `step`, the last one aligned
+    to the end of the clip so no audio is lost."""
+    starts = list(range(0, n_samples - length + 1, step))
+    if starts[-1] + length < n_samples:
+        starts.append(n_samples - length)
+    return starts
 
 
 def segment_waveform(audio, sr, segment_seconds, overlap_ratio, short_clip_mode="loop"):
@@ -273,13 +427,9 @@ def segment_waveform(audio, sr, segment_seconds, overlap_ratio, short_clip_mode=
     the segment that is not original audio (looped or padded). The last window is aligned to the end
     of the clip so no audio is lost and no padding is needed for clips longer than one segment.
     """
-    length = int(round(segment_seconds * sr))
-    step = max(1, int(round(length * (1 - overlap_ratio))))
+    length, step = segment_geometry(sr, segment_seconds, overlap_ratio)
     if len(audio) >= length:
-        starts = list(range(0, len(audio) - length + 1, step))
-        if starts[-1] + length < len(audio):
-            starts.append(len(audio) - length)
-        return [(s / sr, audio[s:s + length], 0.0) for s in starts]
+        return [(s / sr, audio[s:s + length], 0.0) for s in segment_starts(len(audio), length, step)]
     filled = 1 - len(audio) / length
     if short_clip_mode == "loop":
         return [(0.0, np.resize(audio, length), filled)]
@@ -299,6 +449,98 @@ def log_mel_spectrogram(segment, data_config=DataConfig()):
     return librosa.power_to_db(mel, ref=np.max, top_db=80.0).astype(np.float32)
 
 
+def spectrogram_features(segment, data_config=DataConfig()):
+    """The model's input for one segment, (N_MELS, frames) float32, by DataConfig.FEATURE. All three
+    share the STFT framing (N_FFT, HOP_LENGTH), the band (FMIN-FMAX) and the dB scale relative to the
+    segment's peak, floored at -80 dB. The LFCC keeps all N_MELS coefficients and no deltas: a 16-frame
+    patch already sees how they change."""
+    if data_config.FEATURE == "log_mel":
+        return log_mel_spectrogram(segment, data_config)
+    import librosa
+    import scipy.fft
+    power = np.abs(librosa.stft(segment, n_fft=data_config.N_FFT, hop_length=data_config.HOP_LENGTH)) ** 2
+    bank = linear_filterbank(data_config.SR, data_config.N_FFT, data_config.N_MELS, data_config.FMIN, data_config.FMAX)
+    spec = librosa.power_to_db(bank @ power, ref=np.max, top_db=80.0)
+    if data_config.FEATURE == "lfcc":
+        spec = scipy.fft.dct(spec, type=2, norm="ortho", axis=0)
+    return spec.astype(np.float32)
+
+
+def linear_filterbank(sr, n_fft, n_filters, fmin=0.0, fmax=None):
+    """Triangular filters on a linear frequency axis: (n_filters, n_fft // 2 + 1) weights on the
+    rfft bins. The n_filters + 2 edges are equally spaced from fmin to fmax (default sr / 2);
+    filter i rises from edge i to 1 at edge i + 1 and falls to 0 at edge i + 2."""
+    fmax = sr / 2 if fmax is None else fmax
+    if not 0 <= fmin < fmax <= sr / 2:
+        raise ValueError(f"need 0 <= fmin < fmax <= sr/2 = {sr / 2:g} Hz, got fmin={fmin:g}, fmax={fmax:g}")
+    bins_hz = np.linspace(0, sr / 2, n_fft // 2 + 1)
+    edges = np.linspace(fmin, fmax, n_filters + 2)
+    rising = (bins_hz[None] - edges[:-2, None]) / (edges[1:-1, None] - edges[:-2, None])
+    falling = (edges[2:, None] - bins_hz[None]) / (edges[2:, None] - edges[1:-1, None])
+    return np.clip(np.minimum(rising, falling), 0.0, None)
+
+
+def power_spectrogram(audio, n_fft, window_length, hop_length, pre_emphasis=0.97):
+    """|rfft|^2 of pre-emphasised, Hamming-windowed frames: (n_fft // 2 + 1, frames). Frame t covers
+    samples [t * hop_length, t * hop_length + window_length); only whole frames are kept."""
+    audio = np.asarray(audio, dtype=np.float64)
+    if audio.ndim != 1 or len(audio) < window_length:
+        raise ValueError(f"need a mono waveform of at least {window_length} samples (one analysis window), "
+                         f"got shape {audio.shape}")
+    emphasised = np.append(audio[:1], audio[1:] - pre_emphasis * audio[:-1])
+    frames = np.lib.stride_tricks.sliding_window_view(emphasised, window_length)[::hop_length]
+    return (np.abs(np.fft.rfft(frames * np.hamming(window_length), n_fft)) ** 2).T
+
+
+def delta_features(features, width=3):
+    """Time derivative of (dims, frames) features as the ASVspoof 2019 baseline takes it: the
+    unnormalised regression sum_k k * (x[t + k] - x[t - k]), k = 1..width // 2, edge frames repeated."""
+    half = width // 2
+    padded = np.pad(features, [(0, 0), (half, half)], mode="edge")
+    frames = features.shape[-1]
+    return sum(k * (padded[:, half + k:half + k + frames] - padded[:, half - k:half - k + frames])
+               for k in range(1, half + 1))
+
+
+def lfcc(audio_or_power, sr=DataConfig.SR, n_coeffs=20, n_filters=20, n_fft=512, window_seconds=0.020,
+         hop_seconds=0.010, fmin=0.0, fmax=None, pre_emphasis=0.97, deltas=True):
+    """Linear-frequency cepstral coefficients, as in the ASVspoof 2019 LFCC-GMM baseline: 20 ms
+    Hamming frames every 10 ms, 512-point FFT, 20 linear triangular filters, log10 of the filter
+    energies, orthonormal DCT-II, 20 static coefficients (c0 included), then deltas and delta-deltas.
+
+    `audio_or_power`: a mono waveform at `sr` Hz, or a power spectrogram (n_fft // 2 + 1, frames).
+    Returns float32 (n_coeffs * 3, frames) with deltas, else (n_coeffs, frames): rows are the static
+    c0..c{n-1}, then their deltas, then delta-deltas; column t is the frame starting at t * hop.
+    """
+    import scipy.fft
+    if n_coeffs > n_filters:
+        raise ValueError(f"n_coeffs ({n_coeffs}) cannot exceed n_filters ({n_filters})")
+    power = np.asarray(audio_or_power, dtype=np.float64)
+    if power.ndim == 1:
+        power = power_spectrogram(power, n_fft, int(round(window_seconds * sr)), int(round(hop_seconds * sr)),
+                                  pre_emphasis)
+    elif power.shape[0] != n_fft // 2 + 1:
+        raise ValueError(f"power spectrogram has {power.shape[0]} bins, n_fft={n_fft} needs {n_fft // 2 + 1}")
+    energies = linear_filterbank(sr, n_fft, n_filters, fmin, fmax) @ power
+    cepstra = scipy.fft.dct(np.log10(energies + np.finfo(np.float64).eps), type=2, norm="ortho", axis=0)[:n_coeffs]
+    if deltas:
+        delta = delta_features(cepstra)
+        cepstra = np.concatenate([cepstra, delta, delta_features(delta)])
+    return cepstra.astype(np.float32)
+
+
+def normalized_clip(path, data_config=DataConfig()):
+    """A whole file through the spectrograms' decode path, unsegmented: mono at SR, too-short clips
+    refused, loudness-normalised, silence trimmed when TRIM_SILENCE is set. Raises AudioError."""
+    audio = load_audio(path, data_config.SR)
+    duration = len(audio) / data_config.SR
+    if duration < data_config.MIN_CLIP_SECONDS:
+        raise AudioError(f"too short ({duration:.3f} s < {data_config.MIN_CLIP_SECONDS} s)")
+    start, end = non_silent_bounds(audio, data_config.TRIM_TOP_DB)
+    audio, _ = loudness_normalize(audio, data_config.SR, data_config.LOUDNESS_LUFS)
+    return audio[start:end] if data_config.TRIM_SILENCE else audio
+
+
 def fit_frames(spec, max_frames, pad_value=DataConfig.MASK_REPLACEMENT_VALUE):
     """Pad (with `pad_value`) or crop the time axis (last) to exactly `max_frames`."""
     frames = spec.shape[-1]
@@ -315,37 +557,406 @@ def normalize_spectrogram(spec, mean=None, std=None, eps=DataConfig.NORM_EPSILON
     return (spec - mean) / (std + eps)
 
 
-def clip_to_spectrograms(path, model_config, data_config=DataConfig()):
-    """The whole preparation path for one file: decode -> loudness -> segments -> log-mel (dB).
+# What preparation records about each clip, for the shortcut audit: none of it says whether the voice
+# is synthetic, so a detector that can be matched by these numbers has learned the corpus.
+CLIP_FACTS = ["duration_s", "loudness_lufs", "leading_silence_s", "original_sample_rate", "dc_offset",
+              "noise_floor_db", "high_band_energy_ratio", "spectral_rolloff_hz"]
 
-    Returns (list of (start_seconds, spectrogram (N_MELS, max_frames_spec), filled_fraction),
-    clip facts used by the shortcut audit).
+
+def original_sample_rate(path):
+    """The sample rate the file was stored at, before decoding resamples it: from libsndfile's reading
+    of the header, else from ffprobe (for the formats ffmpeg decodes); NaN when neither can tell."""
+    import soundfile as sf
+    with contextlib.suppress(Exception):
+        return sf.info(str(path)).samplerate
+    ffprobe = shutil.which("ffprobe")
+    if ffprobe is not None:
+        result = subprocess.run([ffprobe, "-v", "error", "-select_streams", "a:0", "-show_entries",
+                                 "stream=sample_rate", "-of", "csv=p=0", f"file:{path}"],
+                                capture_output=True, text=True)
+        if result.stdout.strip().isdigit():
+            return int(result.stdout)
+    return float("nan")
+
+
+def recording_facts(audio, sr, frame=1024, high_band_hz=4000.0, rolloff=0.95, active_db=60.0,
+                    floor_db=-120.0, block=512):
+    """Traces of the recording chain in a decoded clip at `sr` Hz (before loudness normalisation):
+
+    dc_offset               mean sample value divided by the RMS (so independent of gain)
+    noise_floor_db          10th-percentile frame RMS in dB relative to the loudest frame (>= floor_db)
+    high_band_energy_ratio  share of the energy above `high_band_hz`, measured at `sr`: with 16 kHz
+                            that is 4-8 kHz against 0-8 kHz, and 0 for a file recorded at 8 kHz
+    spectral_rolloff_hz     the frequency below which `rolloff` of a frame's energy lies, median over
+                            the frames within `active_db` of the loudest (silent gaps have no spectrum)
+
+    Non-overlapping frames of `frame` samples, `block` frames at a time: memory stays small for any length.
     """
-    audio = load_audio(path, data_config.SR)
-    duration = len(audio) / data_config.SR
+    meter = RecordingMeter(sr, frame, high_band_hz, rolloff, active_db, floor_db, block)
+    meter.add(audio)
+    return meter.facts()
+
+
+class RecordingMeter:
+    """recording_facts of a clip fed block by block: whole frames are measured `block` at a time as
+    they arrive, so the result is the same however the clip is cut into blocks."""
+
+    def __init__(self, sr, frame=1024, high_band_hz=4000.0, rolloff=0.95, active_db=60.0, floor_db=-120.0,
+                 block=512):
+        self.sr, self.frame, self.block, self.rolloff = sr, frame, block, rolloff
+        self.high_band_hz, self.active_db, self.floor_db = high_band_hz, active_db, floor_db
+        self.pending, self.n_samples = np.zeros(0, np.float32), 0
+        self.total, self.total_sq, self.band_energy = 0.0, 0.0, np.zeros(2)  # band_energy: above high_band_hz, all
+        self.frame_power, self.frame_rolloff = [], []
+
+    def add(self, samples):
+        self.n_samples += len(samples)
+        self.pending = np.concatenate([self.pending, samples]) if len(self.pending) else samples
+        while len(self.pending) >= self.frame * self.block:
+            self._measure(self.pending[:self.frame * self.block])
+            self.pending = self.pending[self.frame * self.block:]
+
+    def _measure(self, samples):
+        frames = samples.reshape(-1, self.frame).astype(np.float64)
+        self.total, self.total_sq = self.total + frames.sum(), self.total_sq + (frames ** 2).sum()
+        self.frame_power.append((frames ** 2).mean(axis=1))
+        power = np.abs(np.fft.rfft(frames * np.hanning(self.frame), axis=1)) ** 2
+        freqs = np.fft.rfftfreq(self.frame, 1 / self.sr)
+        self.band_energy += power[:, freqs > self.high_band_hz].sum(), power.sum()
+        cumulative = np.cumsum(power, axis=1)
+        self.frame_rolloff.append(freqs[np.argmax(cumulative >= self.rolloff * cumulative[:, -1:], axis=1)])
+
+    def facts(self):
+        """The facts of everything added (call once, at the end of the clip)."""
+        if self.n_samples < self.frame:   # a clip shorter than one frame is one zero-padded frame
+            self._measure(np.pad(self.pending, (0, self.frame - self.n_samples)))
+            n_samples = self.n_samples
+        else:   # the samples after the last whole frame are left out
+            if len(self.pending) >= self.frame:
+                self._measure(self.pending[:len(self.pending) // self.frame * self.frame])
+            n_samples = self.n_samples // self.frame * self.frame
+        frame_power, frame_rolloff = np.concatenate(self.frame_power), np.concatenate(self.frame_rolloff)
+        level_db = 10 * np.log10(np.maximum(frame_power, 1e-30) / max(frame_power.max(), 1e-30))
+        rms = math.sqrt(self.total_sq / n_samples)
+        band_energy = self.band_energy
+        return dict(dc_offset=round(float(self.total / n_samples / rms), 5) if rms > 0 else 0.0,
+                    noise_floor_db=round(float(max(np.percentile(level_db, 10), self.floor_db)), 2),
+                    high_band_energy_ratio=round(float(band_energy[0] / band_energy[1]), 5) if band_energy[1] else 0.0,
+                    spectral_rolloff_hz=round(float(np.median(frame_rolloff[level_db > -self.active_db])), 1))
+
+
+# Files of any length are read twice, in blocks: a first pass measures what depends on the whole clip
+# (its length, loudness, silence and recording facts), a second cuts the segments. Memory is bounded by
+# the block and segment sizes, and each measure equals what its whole-clip counterpart gives.
+STREAM_BLOCK_FRAMES = 1 << 17   # decoded frames held at a time: 3 s at 44.1 kHz, 8 s at 16 kHz
+
+
+def _libsndfile_blocks(path, frames):
+    """The file's sample rate, then blocks of at most `frames` (frames, channels) float32, from
+    libsndfile with _decode_with_libsndfile's checks."""
+    import soundfile as sf
+    try:
+        handle = sf.SoundFile(path)
+    except Exception as error:
+        raise _libsndfile_failure(error, path) from None
+    with handle:
+        _check_not_cut_off(handle.extra_info)
+        yield handle.samplerate
+        try:
+            yield from handle.blocks(frames, dtype="float32", always_2d=True)
+        except Exception as error:
+            raise _libsndfile_failure(error, path) from None
+
+
+# WAV sample formats by (format tag, bits): numpy type and the scale to [-1, 1), as libsndfile reads them
+WAV_SAMPLE_TYPES = {(1, 16): ("<i2", 2.0 ** -15), (1, 32): ("<i4", 2.0 ** -31), (3, 32): ("<f4", 1.0),
+                    (3, 64): ("<f8", 1.0)}
+
+
+def _wav_stream_layout(stream):
+    """(channels, sample rate, numpy type, scale) from the header of a WAV stream, which is left at the
+    first sample; None when the stream ends first. Sizes are not read: a pipe cannot go back to fill
+    them in."""
+    if stream.read(12)[8:] != b"WAVE":
+        return None
+    layout = None
+    while len(chunk := stream.read(8)) == 8:
+        size = int.from_bytes(chunk[4:], "little")
+        if chunk[:4] == b"data":
+            return layout
+        body = stream.read(size + size % 2)
+        if chunk[:4] == b"fmt ":
+            tag = int.from_bytes(body[24:26] if body[:2] == b"\xfe\xff" else body[:2], "little")  # extensible
+            sample_type = WAV_SAMPLE_TYPES.get((tag, int.from_bytes(body[14:16], "little")))
+            if sample_type is None:
+                raise AudioError("ffmpeg cannot decode: its output has an unexpected sample format")
+            layout = int.from_bytes(body[2:4], "little"), int.from_bytes(body[4:8], "little"), *sample_type
+    return None
+
+
+def _ffmpeg_blocks(path, frames):
+    """The file's sample rate, then blocks of at most `frames` (frames, channels) float32, read from
+    ffmpeg's output as it comes, with _decode_with_ffmpeg's checks."""
+    # messages go to a file, not a pipe: a damaged file's flood of them cannot stall ffmpeg
+    with tempfile.TemporaryFile() as messages:
+        process = subprocess.Popen(_ffmpeg_command(path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=messages)
+        try:
+            layout = _wav_stream_layout(process.stdout)
+            if layout is not None:
+                channels, file_sr, sample_type, scale = layout
+                frame_bytes = channels * np.dtype(sample_type).itemsize
+                yield file_sr
+                while data := process.stdout.read(frames * frame_bytes):
+                    samples = np.frombuffer(data[:len(data) // frame_bytes * frame_bytes], sample_type)
+                    yield (samples.astype(np.float32) * np.float32(scale)).reshape(-1, channels)
+            process.wait()
+            messages.seek(0)
+            failure = _ffmpeg_failure(process.returncode, messages.read(), path)
+            if failure is not None:
+                raise failure
+            if layout is None:
+                raise AudioError("ffmpeg cannot decode: no audio stream in its output")
+        finally:
+            if process.poll() is None:   # the reader stopped early
+                process.kill()
+                process.wait()
+            process.stdout.close()
+
+
+def stream_audio(path, sr=DataConfig.SR, block_frames=STREAM_BLOCK_FRAMES):
+    """load_audio in blocks: the same decoding rule, checks and samples (mono float32 at `sr` Hz),
+    with at most `block_frames` decoded frames held at a time."""
+    import soxr
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError("file not found")
+    if path.stat().st_size == 0:
+        raise AudioError("empty file")
+    read = _ffmpeg_blocks if path.suffix.lower() in FFMPEG_EXTENSIONS else _libsndfile_blocks
+    with contextlib.closing(read(path, block_frames)) as blocks:
+        file_sr = next(blocks)
+        resampler = soxr.ResampleStream(file_sr, sr, 1, dtype="float32") if file_sr != sr else None
+        decoded = 0
+        for block in blocks:
+            if not np.isfinite(block).all():
+                raise AudioError("non-finite (NaN or inf) samples")
+            decoded += len(block)
+            mono = block.mean(axis=1)
+            yield resampler.resample_chunk(mono) if resampler else mono
+        if not decoded:
+            raise AudioError("no samples")
+        if resampler:
+            yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+class SlidingWindows:
+    """Cuts a signal fed block by block into the windows [start, end) that `bounds(j)` gives for
+    j = 0, 1, ... (starts and ends never decreasing), holding only the samples a later window needs."""
+
+    def __init__(self, bounds):
+        self.bounds, self.next_window = bounds, 0
+        self.buffer, self.offset = np.zeros(0, np.float32), 0   # the buffer holds samples offset, offset + 1, ...
+
+    def add(self, block):
+        """Append `block`; returns the windows it completed, in order."""
+        self.buffer = np.concatenate([self.buffer, block])
+        end = self.offset + len(self.buffer)
+        completed = []
+        while (window := self.bounds(self.next_window))[1] <= end:
+            completed.append(self.buffer[window[0] - self.offset:window[1] - self.offset])
+            self.next_window += 1
+        keep_from = min(self.bounds(self.next_window)[0], end)
+        self.buffer, self.offset = self.buffer[keep_from - self.offset:], keep_from
+        return completed
+
+    def cut_at_end(self):
+        """The windows that start before the end of the signal but reach past it, cut there."""
+        end = self.offset + len(self.buffer)
+        cut = []
+        while (start := self.bounds(self.next_window)[0]) < end:
+            cut.append(self.buffer[start - self.offset:])
+            self.next_window += 1
+        return cut
+
+
+class LoudnessMeter:
+    """Integrated loudness (ITU-R BS.1770) of a signal fed block by block, computed as pyloudnorm
+    computes it for the whole signal: its K-weighting filters (state carried across blocks, output
+    stored as float32 as pyloudnorm stores it), the mean square of 400 ms gating blocks every 100 ms,
+    then the absolute (-70 LUFS) and relative (-10 LU) gates."""
+
+    def __init__(self, sr, block_seconds=0.4, overlap=0.75):
+        import pyloudnorm
+        self.sr, self.block_seconds, self.step = sr, block_seconds, 1.0 - overlap
+        stages = pyloudnorm.Meter(sr, block_size=block_seconds)._filters.values()   # the same coefficients
+        self.filters = [(stage.b, stage.a, stage.passband_gain) for stage in stages]
+        self.states = [np.zeros(max(len(a), len(b)) - 1) for b, a, _ in self.filters]
+        self.windows = SlidingWindows(self.gating_block)
+        self.energies, self.head, self.n_samples = [], np.zeros(0, np.float32), 0
+
+    def gating_block(self, j):
+        """Block j in samples, with pyloudnorm's rounding."""
+        return (int(self.block_seconds * (j * self.step) * self.sr),
+                int(self.block_seconds * (j * self.step + 1) * self.sr))
+
+    def mean_square(self, weighted):
+        return (1.0 / (self.block_seconds * self.sr)) * np.sum(np.square(weighted))
+
+    def add(self, block):
+        import scipy.signal
+        self.head = np.concatenate([self.head, block[:int(self.block_seconds * self.sr) + 1 - len(self.head)]])
+        self.n_samples += len(block)
+        for i, (b, a, gain) in enumerate(self.filters):
+            filtered, self.states[i] = scipy.signal.lfilter(b, a, block, zi=self.states[i])
+            block = (gain * filtered).astype(np.float32)
+        self.energies.append(np.array([self.mean_square(weighted) for weighted in self.windows.add(block)], np.float64))
+
+    def loudness(self):
+        """LUFS of everything added (call once, at the end); -inf for silence."""
+        if self.n_samples < self.block_seconds * self.sr:   # measured on a looped copy, as loudness_normalize does
+            return loudness_normalize(self.head, self.sr)[1]
+        n_blocks = int(np.round((self.n_samples / self.sr - self.block_seconds) / (self.block_seconds * self.step))) + 1
+        last = np.array([self.mean_square(weighted) for weighted in self.windows.cut_at_end()], np.float64)
+        z = np.concatenate([*self.energies, last, np.zeros(n_blocks)])[:n_blocks]   # blocks past the end are empty
+        with np.errstate(divide="ignore"):
+            levels = np.array([-0.691 + 10.0 * np.log10(z_j) for z_j in z])
+            above_absolute = z[levels >= -70.0]
+            if not len(above_absolute):
+                return -math.inf
+            relative_gate = -0.691 + 10.0 * np.log10(np.mean(above_absolute)) - 10.0
+            return float(-0.691 + 10.0 * np.log10(np.mean(z[(levels > relative_gate) & (levels > -70.0)])))
+
+
+class SilenceMeter:
+    """non_silent_bounds of a signal fed block by block: the same frames (the signal padded with
+    frame // 2 zeros at each end), the same mean squares."""
+
+    def __init__(self, top_db, frame=2048, hop=512):
+        self.top_db, self.frame, self.hop, self.n_samples = top_db, frame, hop, 0
+        self.windows = SlidingWindows(lambda j: (j * hop, j * hop + frame))
+        self.energies = []
+        self.add(np.zeros(frame // 2, np.float32))
+
+    def add(self, block):
+        self.n_samples += len(block)
+        self.energies.append(np.array([(frame.astype(np.float64) ** 2).mean() for frame in self.windows.add(block)],
+                                      np.float64))
+
+    def bounds(self):
+        """(start, end) of the part louder than its peak - top_db (call once, at the end)."""
+        self.add(np.zeros(self.frame // 2, np.float32))
+        return loud_span(np.concatenate(self.energies), self.n_samples - self.frame, self.top_db, self.hop)
+
+
+KEPT_SAMPLES = 1 << 21   # a clip up to this long (131 s at 16 kHz, 8 MB) is kept, not decoded a second time
+
+
+def measure_clip(path, data_config=DataConfig()):
+    """The first pass over a file: (its length in samples at SR, loudness in LUFS, non-silent (start,
+    end), recording facts, the clip's blocks if it is at most KEPT_SAMPLES long, else None), as
+    load_audio, loudness_normalize, non_silent_bounds and recording_facts give them for the whole clip.
+    Raises AudioError for a file that cannot be used."""
+    sr = data_config.SR
+    meters = LoudnessMeter(sr), SilenceMeter(data_config.TRIM_TOP_DB), RecordingMeter(sr)
+    n_samples, kept = 0, []
+    for block in stream_audio(path, sr):
+        n_samples += len(block)
+        if kept is not None and n_samples <= KEPT_SAMPLES:
+            kept.append(block)
+        else:
+            kept = None
+        for meter in meters:
+            meter.add(block)
+    duration = n_samples / sr
     if duration < data_config.MIN_CLIP_SECONDS:
         raise AudioError(f"too short ({duration:.3f} s < {data_config.MIN_CLIP_SECONDS} s)")
-    start, end = non_silent_bounds(audio, data_config.TRIM_TOP_DB)
-    audio, loudness = loudness_normalize(audio, data_config.SR, data_config.LOUDNESS_LUFS)
-    if data_config.TRIM_SILENCE:
-        audio = audio[start:end]
-    segments = segment_waveform(audio, data_config.SR, model_config.audio_length_seconds,
-                                model_config.overlap_ratio, data_config.SHORT_CLIP_MODE)
-    if not segments:
-        raise AudioError(f"shorter than one segment ({duration:.2f} s) and SHORT_CLIP_MODE='drop'")
-    specs = [(start, fit_frames(log_mel_spectrogram(seg, data_config), model_config.max_frames_spec,
-                                data_config.MASK_REPLACEMENT_VALUE), filled)
-             for start, seg, filled in segments]
-    facts = dict(duration_s=round(duration, 4), loudness_lufs=round(loudness, 3),
-                 leading_silence_s=round(start / data_config.SR, 4))
-    return specs, facts
+    loudness, silence, recording = meters
+    return n_samples, loudness.loudness(), silence.bounds(), recording.facts(), kept
+
+
+def _span(blocks, start, end):
+    """Samples [start, end) of a signal given block by block."""
+    position = 0
+    for block in blocks:
+        yield block[max(0, start - position):max(0, end - position)]
+        position += len(block)
+
+
+def _stream_segments(blocks, sr, gain, start, end, length, step):
+    """segment_waveform's segments of the clip's samples [start, end), scaled by `gain`, cut from the
+    clip's `blocks` (a clip at least one segment long)."""
+    starts = segment_starts(end - start, length, step)
+    windows = SlidingWindows(lambda j: (starts[j], starts[j] + length) if j < len(starts) else (math.inf, math.inf))
+    cut = 0
+    for block in _span(blocks, start, end):
+        for segment in windows.add((block * gain).astype(np.float32)):
+            yield starts[cut] / sr, segment, 0.0
+            cut += 1
+    if cut < len(starts):
+        raise AudioError("the file changed while it was being read")
+
+
+def clip_spectrograms(path, model_config, data_config=DataConfig()):
+    """The whole preparation path for one file, in bounded memory whatever its length: decode ->
+    loudness -> segments -> log-mel (dB).
+
+    Returns (the clip's CLIP_FACTS, used by the shortcut audit, and an iterator of (start_seconds,
+    spectrogram (N_MELS, max_frames_spec), filled_fraction)). The file is read once here to measure
+    it and, unless it is short enough to be kept, once more as the iterator is consumed.
+    """
+    sr = data_config.SR
+    n_samples, loudness, (start, end), recording, kept = measure_clip(path, data_config)
+    gain = loudness_gain(loudness, data_config.LOUDNESS_LUFS)
+    facts = dict(duration_s=round(n_samples / sr, 4), loudness_lufs=round(loudness, 3),
+                 leading_silence_s=round(start / sr, 4), original_sample_rate=original_sample_rate(path),
+                 **recording)
+    if not data_config.TRIM_SILENCE:
+        start, end = 0, n_samples
+    blocks = kept if kept is not None else stream_audio(path, sr)
+    length, step = segment_geometry(sr, model_config.audio_length_seconds, model_config.overlap_ratio)
+    if end - start >= length:
+        segments = _stream_segments(blocks, sr, gain, start, end, length, step)
+    else:   # shorter than one segment: looped or padded in memory
+        audio = np.concatenate([np.zeros(0, np.float32), *_span(blocks, start, end)])
+        segments = segment_waveform((audio * gain).astype(np.float32), sr, model_config.audio_length_seconds,
+                                    model_config.overlap_ratio, data_config.SHORT_CLIP_MODE)
+        if not segments:
+            raise AudioError(f"shorter than one segment ({n_samples / sr:.2f} s) and SHORT_CLIP_MODE='drop'")
+    specs = ((seconds, fit_frames(spectrogram_features(segment, data_config), model_config.max_frames_spec,
+                                  data_config.fill_value), filled)
+             for seconds, segment, filled in segments)
+    return facts, specs
+
+
+def clip_to_spectrograms(path, model_config, data_config=DataConfig()):
+    """clip_spectrograms with the spectrograms in a list: (list of (start_seconds, spectrogram
+    (N_MELS, max_frames_spec), filled_fraction), the clip's CLIP_FACTS)."""
+    facts, specs = clip_spectrograms(path, model_config, data_config)
+    return list(specs), facts
 
 
 # ---------------------------------------------------------------- atomic files
+def _new_file_mode():
+    """The mode open() gives a new file (0o666 less the umask): mkstemp's private 0o600 would hide
+    datasets and checkpoints from the other users of a shared machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+    A link keeps pointing where it did (the file it leads to is replaced). A pipe, a device, or a
+    name under /dev or /proc (/dev/stdout: whatever the shell redirected it to) is a stream that
+    replacing would cut off from its reader, so it is written straight through."""
     path = Path(path)
+    if path.as_posix().startswith(("/dev/", "/proc/")) or (path.exists() and not path.is_file()):
+        with open(path, mode) as handle:
+            yield handle
+        return
+    path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -353,6 +964,7 @@ def atomic_write(path, mode="wb"):
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -385,7 +997,7 @@ def display_path(path):
 
 
 # ---------------------------------------------------------------- corpora
-AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".aif", ".aiff", ".au", ".m4a"}
+AUDIO_EXTENSIONS = SNDFILE_EXTENSIONS | FFMPEG_EXTENSIONS  # decoded, or listed in skipped.csv with the reason
 CORPORA = ("folder", "asvspoof2019_la", "fake_or_real", "in_the_wild")
 CORPUS_COLUMNS = ["path", "label", "speaker", "attack", "source", "split"]
 BONAFIDE_ATTACK = "-"
@@ -400,8 +1012,47 @@ def _require_dir(path, what):
         raise FileNotFoundError(f"{what} not found: {path}")
 
 
+def _link_problem(link, root):
+    """Why a link under the corpus root is not followed, or None when it leads to something inside it."""
+    try:
+        target = link.resolve()
+    except (RuntimeError, OSError):  # a loop of links
+        return "a link that leads back to itself: not followed"
+    if not target.exists():
+        return "a link to something that does not exist"
+    if not target.is_relative_to(root.resolve()):
+        return "a link leading outside the corpus root: not followed"
+    return None
+
+
+def _walk_files(folder, root=None):
+    """Files under `folder`, following links to files and folders, each real folder once (a link
+    to a folder above is a loop and ends there). With a corpus `root`, links leading outside it or
+    to nothing are not followed but returned as (path relative to root, reason)."""
+    files, not_followed, seen = [], [], set(Path(folder).resolve().parents)
+    pending = [Path(folder)]
+    while pending:
+        current = pending.pop()
+        if current.resolve() in seen:
+            continue
+        seen.add(current.resolve())
+        for entry in current.iterdir():
+            problem = _link_problem(entry, Path(root)) if root is not None and entry.is_symlink() else None
+            if problem:
+                not_followed.append((Path(os.path.relpath(entry, root)).as_posix(), problem))
+            elif entry.is_dir():
+                pending.append(entry)
+            elif entry.is_file():
+                files.append(entry)
+    return sorted(files), sorted(not_followed)
+
+
+def _is_audio(path):
+    return path.suffix.lower() in AUDIO_EXTENSIONS
+
+
 def _audio_files(folder):
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+    return [p for p in _walk_files(folder)[0] if _is_audio(p)]
 
 
 def read_folder_corpus(root, speaker_pattern=None):
@@ -418,20 +1069,41 @@ def read_folder_corpus(root, speaker_pattern=None):
         if not {"file", "speaker"} <= set(table.columns):
             raise ValueError(f"{root / 'speakers.csv'}: needs columns 'file' and 'speaker', "
                              f"found {list(table.columns)}")
-        speakers = dict(zip(table["file"], table["speaker"]))
-    rows = []
+        speakers = {file: speaker for file, speaker in zip(table["file"], table["speaker"]) if pd.notna(speaker)}
+    rows, skipped, unnamed = [], [], []
     for label, name in enumerate(("real", "fake")):
-        for path in _audio_files(root / name):
+        paths, not_followed = _walk_files(root / name, root)
+        skipped += not_followed
+        for path in filter(_is_audio, paths):
             rel = path.relative_to(root).as_posix()
             speaker = speakers.get(rel)
             if speaker is None and speaker_pattern:
                 match = re.search(speaker_pattern, path.name)
                 speaker = match.group(1) if match else None
+            if speaker is None:
+                unnamed.append(rel)
             parts = path.relative_to(root / name).parts
             attack = parts[0] if label == 1 and len(parts) > 1 else (BONAFIDE_ATTACK if label == 0 else None)
             rows.append(dict(path=str(path), label=label, speaker=speaker, attack=attack,
                              source="folder", split=None))
-    return pd.DataFrame(rows, columns=CORPUS_COLUMNS), []
+    if (root / "speakers.csv").is_file() or speaker_pattern:
+        _require_every_speaker(unnamed, len(rows), speaker_pattern, (root / "speakers.csv").is_file())
+    return pd.DataFrame(rows, columns=CORPUS_COLUMNS), skipped
+
+
+def _require_every_speaker(unnamed, total, speaker_pattern, have_speakers_csv):
+    """Splits keep each speaker in one split, which needs every file's speaker: name the files without one."""
+    if not unnamed:
+        return
+    if speaker_pattern and not have_speakers_csv and len(unnamed) == total:
+        raise ValueError(f"The speaker pattern {speaker_pattern!r} matches none of the {total} files "
+                         f"(e.g. {unnamed[0]}); its first group is the speaker, searched for in the file name")
+    sources = ["no speaker in speakers.csv"] if have_speakers_csv else []
+    sources += [f"a name the speaker pattern {speaker_pattern!r} does not match"] if speaker_pattern else []
+    sources = sources or ["an empty speaker cell"]
+    shown = ", ".join(unnamed[:10]) + (f" and {len(unnamed) - 10} more" if len(unnamed) > 10 else "")
+    raise ValueError(f"{len(unnamed)} of {total} files have no speaker ({' and '.join(sources)}): {shown}. "
+                     f"Splits keep each speaker in one split, so every file needs its speaker")
 
 
 ASVSPOOF_SPLITS = {"train": ("train", "train.trn"), "val": ("dev", "dev.trl"), "test": ("eval", "eval.trl")}
@@ -484,16 +1156,20 @@ def read_fake_or_real(root):
     if base is None:
         raise FileNotFoundError(f"Fake-or-Real layout not found under {root}: expected "
                                 f"training/, validation/ and testing/ folders")
-    rows = [dict(path=str(path), label=label, speaker=None,
-                 attack=BONAFIDE_ATTACK if label == 0 else None, source="fake_or_real", split=split)
-            for folder, split in FOR_SPLITS.items()
-            for label, name in enumerate(("real", "fake"))
-            for path in _audio_files(base / folder / name)]
-    return pd.DataFrame(rows, columns=CORPUS_COLUMNS), []
+    rows, skipped = [], []
+    for folder, split in FOR_SPLITS.items():
+        for label, name in enumerate(("real", "fake")):
+            paths, not_followed = _walk_files(base / folder / name, root)
+            skipped += not_followed
+            rows += [dict(path=str(path), label=label, speaker=None, attack=BONAFIDE_ATTACK if label == 0 else None,
+                          source="fake_or_real", split=split) for path in filter(_is_audio, paths)]
+    return pd.DataFrame(rows, columns=CORPUS_COLUMNS), skipped
 
 
 def read_in_the_wild(root):
-    """`meta.csv` with columns file,speaker,label (bona-fide | spoof); no official split."""
+    """`meta.csv` with columns file,speaker,label (bona-fide | spoof) and optional columns `attack` (the
+    kind of fake; bona-fide rows keep "-") and `split` (train | val | test, where the corpus ships one;
+    without it assign_splits makes a speaker-disjoint one)."""
     root = Path(root)
     _require_dir(root, "In-the-Wild root")
     meta_path = root / "meta.csv"
@@ -513,9 +1189,14 @@ def read_in_the_wild(root):
         if not path.is_file():
             skipped.append((str(path), "listed in meta.csv but missing on disk"))
             continue
+        split = getattr(entry, "split", None)
+        split = None if pd.isna(split) else str(split).strip()
+        if split is not None and split not in SPLITS:
+            skipped.append((f"{meta_path}:{number}", f"split {split!r} is none of {list(SPLITS)}"))
+            continue
+        attack = getattr(entry, "attack", None) if label == "spoof" else BONAFIDE_ATTACK
         rows.append(dict(path=str(path), label=int(label == "spoof"), speaker=entry.speaker,
-                         attack=BONAFIDE_ATTACK if label == "bona-fide" else None,
-                         source="in_the_wild", split=None))
+                         attack=None if pd.isna(attack) else attack, source="in_the_wild", split=split))
     return pd.DataFrame(rows, columns=CORPUS_COLUMNS), skipped
 
 
@@ -528,12 +1209,39 @@ def read_corpus(corpus, root, speaker_pattern=None):
                "in_the_wild": lambda: read_in_the_wild(root)}
     if corpus not in readers:
         raise ValueError(f"Unknown corpus {corpus!r}; choose one of {list(readers)}")
-    return readers[corpus]()
+    files, skipped = readers[corpus]()
+    files, repeats = _inside_root_once(files, Path(root))
+    return files, skipped + repeats
+
+
+def _inside_root_once(files, root):
+    """Keep each audio file inside the corpus root once. A file is the real file its entry leads to
+    (through links), so it is listed in skipped.csv when it lies outside the root ('../', an absolute
+    path, a link), and when listed again: a repeat that agrees is used once; entries that disagree
+    on label, speaker or split are all left out, since nothing tells which one is right."""
+    listed = pd.Series([Path(os.path.relpath(p, root)).as_posix() for p in files["path"]], index=files.index)
+    real = pd.Series([Path(p).resolve() for p in files["path"]], index=files.index)
+    inside = pd.Series([path.is_relative_to(root.resolve()) for path in real], index=files.index, dtype=bool)
+    skipped = [(where, "outside the corpus root (through '../', an absolute path or a link): not used")
+               for where in listed[~inside]]
+    repeated = real.duplicated(keep=False) & inside
+    dropped = set(files.index[~inside])
+    for _, group in files[repeated].groupby(real[repeated], sort=False):
+        conflicts = [column for column in ("label", "speaker", "split") if group[column].nunique(dropna=False) > 1]
+        if conflicts:
+            dropped.update(group.index)
+            skipped += [(where, f"listed {len(group)} times with different {' and '.join(conflicts)}: none used")
+                        for where in listed[group.index]]
+        else:
+            dropped.update(group.index[1:])
+            skipped += [(where, f"listed {len(group)} times: used once") for where in listed[group.index[1:]]]
+    return files.drop(index=sorted(dropped)).reset_index(drop=True), skipped
 
 
 def assign_splits(files, fractions=(0.7, 0.15, 0.15), seed=DataConfig.SEED):
-    """Fill missing splits: whole speakers go to one split when every speaker is known, else whole
-    files, stratified by label. Deterministic for a given seed and file list."""
+    """Fill missing splits: whole speakers go to one split when speakers are known (a file without
+    one is then an error naming it), else whole files, stratified by label. Deterministic for a
+    given seed and file list."""
     files = files.copy()
     todo = files["split"].isna()
     if not todo.any():
@@ -545,7 +1253,10 @@ def assign_splits(files, fractions=(0.7, 0.15, 0.15), seed=DataConfig.SEED):
         return SPLITS[min(int(np.searchsorted(bounds, position, side="right")), 2)]
 
     pending = files[todo]
-    if pending["speaker"].notna().all():
+    known = pending["speaker"].notna()
+    if known.any():  # a file-level split would spread the known speakers over several splits
+        _require_every_speaker(list(pending.loc[~known, "path"]), len(pending), None, False)
+    if known.all():
         sizes = pending.groupby("speaker").size()
         order = sizes.index.to_numpy()[rng.permutation(len(sizes))]
         middles = (np.cumsum(sizes[order]) - sizes[order] / 2) / len(pending)
@@ -572,6 +1283,22 @@ def check_split_leaks(files):
         raise SplitLeakError("Split leak: " + "; ".join(problems))
 
 
+def check_split_classes(files, what="files", note=""):
+    """Raise ValueError naming each split without bona fide or without spoof files: training, the
+    validation EER and the test EER all need both classes, so this is caught before any training."""
+    problems = []
+    for split in SPLITS:
+        labels = set(files.loc[files["split"] == split, "label"])
+        if not labels:
+            problems.append(f"{split!r} has no {what}")
+        elif len(labels) == 1:
+            missing = ("bona fide (real)", "spoof (fake)")[1 - labels.pop()]
+            problems.append(f"{split!r} has no {missing} {what}")
+    if problems:
+        raise ValueError("Split " + "; ".join(problems) + (f" ({note})" if note else "") +
+                         ". Train, val and test each need bona fide and spoof files.")
+
+
 def split_audit(metadata):
     """Files, segments, seconds, speakers and attacks per split and class, from segment rows."""
     rows = []
@@ -587,13 +1314,31 @@ def split_audit(metadata):
 
 # ---------------------------------------------------------------- preparation
 METADATA_COLUMNS = ["npy_path", "original_path", "label", "segment_index", "start_s", "speaker", "attack",
-                    "source", "file_id", "duration_s", "loudness_lufs", "leading_silence_s",
-                    "filled_fraction"]
+                    "source", "file_id", *CLIP_FACTS, "filled_fraction"]
 
 
 def _file_id(relative_path):
-    digest = hashlib.sha1(relative_path.encode()).hexdigest()[:8]
+    """Readable and unique: the stem's start plus 64 bits of SHA-256 of the whole relative path
+    (a chance collision among a million files is about 3e-8, and _check_file_ids catches it)."""
+    digest = hashlib.sha256(relative_path.encode()).hexdigest()[:16]
     return f"{re.sub(r'[^A-Za-z0-9_-]', '_', Path(relative_path).stem)[:40]}_{digest}"
+
+
+def _check_file_ids(files):
+    """The id names a file's .npy arrays: two files with one id would share them."""
+    clashes = files[files["file_id"].duplicated(keep=False)]
+    if len(clashes):
+        file_id, group = next(iter(clashes.groupby("file_id", sort=False)))
+        raise ValueError(f"{' and '.join(group['relative_path'])} get the same file id {file_id!r}; "
+                         f"rename one of them")
+
+
+def _made_from(path, split, settings_digest):
+    """What a file's arrays were made from. A rerun redoes the file when any of it changed: a file
+    replaced, repaired or touched gets a new size or modification time, and a new speaker pattern or
+    added files can move it to another split. (Content hashes would mean reading the whole corpus.)"""
+    stat = Path(path).stat()
+    return dict(split=split, size=stat.st_size, mtime_ns=stat.st_mtime_ns, settings=settings_digest)
 
 
 def _single_threaded():
@@ -607,18 +1352,23 @@ def _prepare_one(job):
     """Worker: one original file -> its .npy segments. Never raises: failures become skip reasons."""
     path, split_dir, file_id, model_config, data_config = job
     try:
-        specs, facts = clip_to_spectrograms(path, model_config, data_config)
+        facts, specs = clip_spectrograms(path, model_config, data_config)
+        return _save_segments(specs, facts, split_dir, file_id)   # each spectrogram saved as it is made
     except AudioError as error:
         return dict(file_id=file_id, skip=str(error))
     except Exception as error:  # a corrupt file must not stop a 100k-file run
         return dict(file_id=file_id, skip=f"{type(error).__name__}: {error}")
+
+
+def _save_segments(specs, facts, split_dir, file_id):
     segments, total, total_sq, count = [], 0.0, 0.0, 0
     for index, (start, spec, filled) in enumerate(specs):
         npy_path = f"{file_id}_{index:03d}.npy"
         save_npy_atomic(Path(split_dir) / npy_path, spec[None])
         segments.append(dict(npy_path=npy_path, segment_index=index, start_s=round(start, 3),
                              filled_fraction=round(filled, 4), **facts))
-        total, total_sq, count = total + float(spec.sum()), total_sq + float((spec.astype(np.float64) ** 2).sum()), count + spec.size
+        spec64 = spec.astype(np.float64)  # float32 sums of 32k values drift in the 8th digit
+        total, total_sq, count = total + float(spec64.sum()), total_sq + float((spec64 ** 2).sum()), count + spec.size
     return dict(file_id=file_id, segments=segments, stats=[total, total_sq, count])
 
 
@@ -638,19 +1388,16 @@ def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="fo
                     speaker_pattern=None, split_fractions=(0.7, 0.15, 0.15), progress=True):
     """Raw corpus -> `<cache_dir>/<dataset_name>/<split>/metadata.csv` + .npy log-mels (dB).
 
-    Parallel over files, resumable (a rerun skips files already finished), every file written
-    atomically. Writes skipped.csv (each unusable file and why), split_audit.csv and
+    Parallel over files, resumable (a rerun redoes only the files added, changed or moved to another
+    split since their journal entry: see _made_from), every file written atomically. Stops before
+    any decoding when a split lacks a class. Writes skipped.csv (each unusable file and why), split_audit.csv and
     normalization.json (train mean/std for global normalisation). Returns a summary dict.
     """
-    model_config = ALL_MODEL_CONFIGS[dataset_name] if dataset_name in ALL_MODEL_CONFIGS else None
-    if model_config is None:
-        raise ValueError(f"Unknown dataset_name {dataset_name!r}; choose one of {sorted(ALL_MODEL_CONFIGS)}")
+    model_config = make_model_config(dataset_name, data_config)
     corpus_root = Path(corpus_root)
     files, reader_skips = read_corpus(corpus, corpus_root, speaker_pattern)
     if files.empty:
         raise ValueError(f"No usable audio files found in {corpus_root} (corpus layout {corpus!r})")
-    files = assign_splits(files, split_fractions, data_config.SEED)
-    check_split_leaks(files)
     out_dir = Path(cache_dir) / dataset_name
     settings = dict(corpus=corpus, corpus_root=str(corpus_root.resolve()), data_config=asdict(data_config),
                     model_config=model_config.as_dict(), split_fractions=list(split_fractions))
@@ -659,12 +1406,22 @@ def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="fo
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{settings_path} was written with other settings; delete {out_dir} "
                          f"or choose another cache_dir to prepare this corpus anew")
-    save_json_atomic(settings_path, settings)
-
+    split_by_speaker = files["split"].isna().any() and files["speaker"].notna().all()
+    files = assign_splits(files, split_fractions, data_config.SEED)
+    check_split_leaks(files)
+    check_split_classes(files, note=f"{files['speaker'].nunique()} speakers, each kept in one split"
+                        if split_by_speaker else "")
     files["relative_path"] = [Path(p).resolve().relative_to(corpus_root.resolve()).as_posix() for p in files["path"]]
     files["file_id"] = files["relative_path"].map(_file_id)
+    _check_file_ids(files)
+    save_json_atomic(settings_path, settings)
+
+    settings_digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    made_from = {row.file_id: _made_from(row.path, row.split, settings_digest) for row in files.itertuples()}
     journal_path = out_dir / "progress.jsonl"
-    done = _read_journal(journal_path)
+    journal_entries = _read_journal(journal_path)
+    done = {file_id: entry for file_id, entry in journal_entries.items()
+            if file_id in made_from and entry.get("made_from") == made_from[file_id]}
     jobs = [(row.path, str(out_dir / row.split), row.file_id, model_config, data_config)
             for row in files.itertuples() if row.file_id not in done]
     workers = num_workers or os.cpu_count() or 1
@@ -686,9 +1443,13 @@ def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="fo
                 results = map(_prepare_one, jobs)
             for result in tqdm(results, total=len(jobs), desc=f"Preparing {dataset_name}",
                                disable=not progress, file=sys.stderr):
+                result["made_from"] = made_from[result["file_id"]]
                 journal.write(json.dumps(result) + "\n")
                 journal.flush()
                 done[result["file_id"]] = result
+    if jobs or len(journal_entries) != len(done):  # keep only what the dataset is made of
+        with atomic_write(journal_path, "w") as journal:
+            journal.writelines(json.dumps(done[file_id]) + "\n" for file_id in files["file_id"])
     return _write_dataset_tables(out_dir, files, done, reader_skips, data_config)
 
 
@@ -708,10 +1469,13 @@ def _write_dataset_tables(out_dir, files, done, reader_skips, data_config):
                                      file_id=row.file_id, **segment))
     metadata = pd.DataFrame(segment_rows, columns=["split"] + METADATA_COLUMNS)
     metadata = metadata.sort_values(["split", "original_path", "segment_index"]).reset_index(drop=True)
-    for split in SPLITS:
-        save_csv_atomic(out_dir / split / "metadata.csv", metadata.loc[metadata["split"] == split, METADATA_COLUMNS])
     skipped = pd.DataFrame(skipped, columns=["original_path", "reason"])
     save_csv_atomic(out_dir / "skipped.csv", skipped)
+    check_split_classes(metadata, "files left after decoding",
+                        f"the others are listed with their reasons in {display_path(out_dir / 'skipped.csv')}")
+    for split in SPLITS:
+        save_csv_atomic(out_dir / split / "metadata.csv", metadata.loc[metadata["split"] == split, METADATA_COLUMNS])
+    _remove_stale_arrays(out_dir, metadata)
     audit = split_audit(metadata) if len(metadata) else pd.DataFrame()
     save_csv_atomic(out_dir / "split_audit.csv", audit)
     if stats[2]:
@@ -725,6 +1489,18 @@ def _write_dataset_tables(out_dir, files, done, reader_skips, data_config):
     print(f"Prepared {summary['segments']} segments from {summary['used_files']} files; "
           f"skipped {summary['skipped_files']} (listed in {display_path(out_dir / 'skipped.csv')})")
     return summary, audit, skipped
+
+
+def _remove_stale_arrays(out_dir, metadata):
+    """Delete the .npy files a split folder holds but its metadata no longer lists (a file removed
+    from the corpus, moved to another split, skipped now, or now shorter), so that the folders hold
+    exactly the dataset."""
+    listed = {split: set(metadata.loc[metadata["split"] == split, "npy_path"]) for split in SPLITS}
+    stale = [path for split in SPLITS for path in (out_dir / split).glob("*.npy") if path.name not in listed[split]]
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(f"Removed {len(stale)} .npy file(s) no longer in the dataset")
 
 
 # ---------------------------------------------------------------- fixture corpus
@@ -856,11 +1632,11 @@ def spec_augment(spec, data_config=DataConfig(), generator=None):
     for _ in range(data_config.NUM_TIME_MASKS):
         width = draw(min(data_config.TIME_MASK_MAX_WIDTH, frames))
         start = draw(frames - width)
-        spec[:, :, start:start + width] = data_config.MASK_REPLACEMENT_VALUE
+        spec[:, :, start:start + width] = data_config.fill_value
     for _ in range(data_config.NUM_FREQ_MASKS):
         width = draw(min(data_config.FREQ_MASK_MAX_WIDTH, n_mels))
         start = draw(n_mels - width)
-        spec[:, start:start + width, :] = data_config.MASK_REPLACEMENT_VALUE
+        spec[:, start:start + width, :] = data_config.fill_value
     return spec
 
 
@@ -930,7 +1706,7 @@ class AudioDataset(Dataset):
         if self.augment and self.data_config.USE_RANDOM_CROPPING:
             spec = random_time_crop(spec, self.max_frames_spec)
         # pad (-80 dB) or crop to max_frames_spec; a crop of a shorter spectrogram stays short
-        spec = torch.from_numpy(fit_frames(spec.numpy(), self.max_frames_spec))
+        spec = torch.from_numpy(fit_frames(spec.numpy(), self.max_frames_spec, self.data_config.fill_value))
         if self.augment:
             spec = spec_augment(spec, self.data_config)
         mean, std = self.norm_stats or (None, None)
@@ -1048,6 +1824,17 @@ class Transformer(nn.Module):
         return (x, maps) if return_attention else x
 
 
+def patchify(config: ViTConfig):
+    """(b, c, H, W) -> (b, num_patches, patch_dim), patches in row-major order. Non-overlapping
+    patches are a reshape; overlapping ones are cut out with a sliding window (same feature order)."""
+    if (config.stride_height, config.stride_width) == (config.patch_height, config.patch_width):
+        return Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=config.patch_height, p2=config.patch_width)
+    return nn.Sequential(nn.Unfold((config.patch_height, config.patch_width),
+                                   stride=(config.stride_height, config.stride_width)),
+                         Rearrange("b (c p1 p2) n -> b n (p1 p2 c)", c=config.channels,
+                                   p1=config.patch_height, p2=config.patch_width))
+
+
 class AudioViT(nn.Module):
     """ViT over a log-mel spectrogram: 16x16 patches -> tokens, CLS token -> 2 logits (real, fake).
     `fast=False` builds the plain reference formulation of the same function and parameters
@@ -1057,8 +1844,8 @@ class AudioViT(nn.Module):
         super().__init__()
         self.config = config
         self.to_patch_embedding = nn.Sequential(
-            Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=config.patch_height, p2=config.patch_width),
-            nn.LayerNorm(config.patch_dim),
+            patchify(config),
+            nn.LayerNorm(config.patch_dim) if config.patch_norm else nn.Identity(),
             nn.Linear(config.patch_dim, config.dim),
             nn.LayerNorm(config.dim),
         )
@@ -1075,8 +1862,141 @@ class AudioViT(nn.Module):
         x = self.dropout(torch.cat((cls_tokens, x), dim=1) + self.pos_embedding)
         if return_attention:
             x, maps = self.transformer(x, return_attention=True)
-            return self.mlp_head(x[:, 0]), maps                 # maps: depth x (b, heads, n+1, n+1)
-        return self.mlp_head(self.transformer(x)[:, 0])
+            return self.mlp_head(self.pooled(x)), maps          # maps: depth x (b, heads, n+1, n+1)
+        return self.mlp_head(self.pooled(self.transformer(x)))
+
+    def pooled(self, x):
+        """The CLS token's output, or with pool="mean" the mean over all tokens."""
+        return x.mean(dim=1) if self.config.pool == "mean" else x[:, 0]
+
+
+class CNNConfig:
+    """A ResNet-style CNN: `blocks[i]` residual blocks of `filters[i]` channels in stage i (stage i > 0
+    halves the resolution); bottleneck blocks widen their output 4x."""
+
+    def __init__(self, name, image_size, channels=1, num_classes=2, blocks=(2, 2, 2, 2),
+                 filters=(64, 128, 256, 512), bottleneck=False):
+        if len(blocks) != len(filters) or not blocks:
+            raise ValueError(f"{name}: need one block count per filter width, got blocks {list(blocks)} "
+                             f"and filters {list(filters)}")
+        if any(f <= 0 for f in filters) or any(b < 0 for b in blocks) or not sum(blocks):
+            raise ValueError(f"{name}: filters must be positive and blocks non-negative with at least one "
+                             f"block, got blocks {list(blocks)} and filters {list(filters)}")
+        self.name = name
+        self.image_height, self.image_width = image_size
+        self.channels, self.num_classes = channels, num_classes
+        self.blocks, self.filters, self.bottleneck = list(blocks), list(filters), bottleneck
+
+    def as_dict(self):
+        return dict(name=self.name, image_size=[self.image_height, self.image_width], channels=self.channels,
+                    num_classes=self.num_classes, blocks=self.blocks, filters=self.filters,
+                    bottleneck=self.bottleneck)
+
+    def __repr__(self):
+        return f"CNNConfig({self.as_dict()})"
+
+
+# ResNet layouts scaled so the trainable parameter counts at 128 x 256 match the ViT sizes:
+# Small 2-3 M (ResNet-18's blocks at half width), Medium 4-6 M (ResNet-50's bottlenecks at half
+# width), Large 10-12 M (ResNet-50's bottlenecks at 11/16 width).
+CNN_SIZES = {
+    "CNN_Small": dict(blocks=[2, 2, 2, 2], filters=[32, 64, 128, 256], bottleneck=False),
+    "CNN_Medium": dict(blocks=[3, 4, 6, 3], filters=[32, 64, 128, 256], bottleneck=True),
+    "CNN_Large": dict(blocks=[3, 4, 6, 3], filters=[44, 88, 176, 352], bottleneck=True),
+}
+
+
+def make_cnn_config(model_size, image_size=(DataConfig.N_MELS, 256)):
+    if model_size not in CNN_SIZES:
+        raise ValueError(f"Unknown model size {model_size!r}; choose one of {sorted(CNN_SIZES)}")
+    return CNNConfig(model_size, image_size, **CNN_SIZES[model_size])
+
+
+CNN_Small = make_cnn_config("CNN_Small")
+CNN_Medium = make_cnn_config("CNN_Medium")
+CNN_Large = make_cnn_config("CNN_Large")
+
+
+def conv_bn(in_channels, out_channels, kernel_size, stride=1):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_channels))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions plus the input (projected by a 1x1 convolution when the shape changes)."""
+    expansion = 1
+
+    def __init__(self, in_channels, width, stride=1):
+        super().__init__()
+        self.residual = nn.Sequential(conv_bn(in_channels, width, 3, stride), nn.ReLU(inplace=True),
+                                      conv_bn(width, width, 3))
+        self.shortcut = (nn.Identity() if stride == 1 and in_channels == width
+                         else conv_bn(in_channels, width, 1, stride))
+
+    def forward(self, x):
+        return F.relu(self.residual(x) + self.shortcut(x))
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 down to `width`, 3x3 at `width`, 1x1 up to 4 x width: deeper for the same parameters."""
+    expansion = 4
+
+    def __init__(self, in_channels, width, stride=1):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.residual = nn.Sequential(conv_bn(in_channels, width, 1), nn.ReLU(inplace=True),
+                                      conv_bn(width, width, 3, stride), nn.ReLU(inplace=True),
+                                      conv_bn(width, out_channels, 1))
+        self.shortcut = (nn.Identity() if stride == 1 and in_channels == out_channels
+                         else conv_bn(in_channels, out_channels, 1, stride))
+
+    def forward(self, x):
+        return F.relu(self.residual(x) + self.shortcut(x))
+
+
+class AudioCNN(nn.Module):
+    """ResNet over a log-mel spectrogram: a 7x7 stride-2 convolution and max pooling (1/4 resolution),
+    residual stages, global average pooling, a linear layer giving 2 logits (real, fake). The pooling
+    makes it accept any spectrogram width."""
+
+    def __init__(self, *, config: CNNConfig):
+        super().__init__()
+        self.config = config
+        block = BottleneckBlock if config.bottleneck else BasicBlock
+        self.stem = nn.Sequential(conv_bn(config.channels, config.filters[0], 7, stride=2), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        stages, channels = [], config.filters[0]
+        for stage, (n_blocks, width) in enumerate(zip(config.blocks, config.filters)):
+            for index in range(n_blocks):
+                stages.append(block(channels, width, stride=2 if stage > 0 and index == 0 else 1))
+                channels = width * block.expansion
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, config.num_classes))
+
+    def forward(self, img):
+        return self.head(self.stages(self.stem(img)))           # (b, 1, n_mels, frames) -> (b, 2)
+
+
+ARCHITECTURE_CONFIGS = {"vit": ViTConfig, "cnn": CNNConfig}
+
+
+def architecture_of(config):
+    """"vit" or "cnn": which model a ViTConfig or CNNConfig describes; checkpoints store it."""
+    return "cnn" if isinstance(config, CNNConfig) else "vit"
+
+
+def make_architecture_config(model_size, image_size=(DataConfig.N_MELS, 256)):
+    """A ViTConfig for ViT_Small/Medium/Large, a CNNConfig for CNN_Small/Medium/Large."""
+    if model_size in CNN_SIZES:
+        return make_cnn_config(model_size, image_size)
+    if model_size in VIT_SIZES:
+        return make_vit_config(model_size, image_size)
+    raise ValueError(f"Unknown model size {model_size!r}; choose one of {[*VIT_SIZES, *CNN_SIZES]}")
+
+
+def build_model(config):
+    """AudioViT or AudioCNN, whichever `config` describes."""
+    return AudioCNN(config=config) if architecture_of(config) == "cnn" else AudioViT(config=config)
 
 
 def count_parameters(model):
@@ -1093,6 +2013,16 @@ def parameter_table(image_size=(DataConfig.N_MELS, 256)):
     return pd.DataFrame(rows)
 
 
+def cnn_parameter_table(image_size=(DataConfig.N_MELS, 256)):
+    rows = []
+    for size in CNN_SIZES:
+        config = make_cnn_config(size, image_size)
+        rows.append(dict(model_size=size, block="bottleneck" if config.bottleneck else "basic",
+                         blocks=config.blocks, filters=config.filters,
+                         params_M=round(count_parameters(AudioCNN(config=config)) / 1e6, 3)))
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------- training
 def set_seed(seed=DataConfig.SEED):
     random.seed(seed)
@@ -1101,11 +2031,23 @@ def set_seed(seed=DataConfig.SEED):
 
 
 def get_device():
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """CUDA if available, else Apple MPS, else CPU; VIT_DEVICE (cpu, cuda, cuda:1, mps) chooses instead.
+    The test session sets it to cpu, so the printed numbers nbval compares are the same on every machine."""
+    requested = os.environ.get("VIT_DEVICE")
+    if not requested:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"VIT_DEVICE={requested!r} is not a device (use cpu, cuda, cuda:N or mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise ValueError(f"VIT_DEVICE={requested!r}: {device.type} is not available on this machine")
+    return device
 
 
 def is_main_process():
@@ -1151,17 +2093,21 @@ def _unwrap(model):
 def train_model(model, train_loader, val_loader, optimizer, criterion, device, num_epochs, run_name,
                 dataset_name, scheduler=None, checkpoint_dir=DEFAULT_CHECKPOINT_DIR, grad_clip_norm=None,
                 mixed_precision=False, early_stopping_patience=None, seed=DataConfig.SEED, wandb_run=None,
-                state=None, checkpoint_extras=None, progress=True):
-    """Train, validate every epoch, keep the best model by validation F1.
+                state=None, checkpoint_extras=None, progress=True, select_best_by="val_f1"):
+    """Train, validate every epoch, keep the best model by validation F1 (the original recipe) or,
+    with select_best_by="val_eer", by validation EER, which needs no decision threshold.
 
     Writes `best_vit_model_{run_name}.pth` (best so far) and `last_vit_model_{run_name}.pth` (every
-    epoch, for resuming) atomically. `state` (from a last checkpoint) continues an earlier run.
-    Returns the per-epoch history.
+    epoch, for resuming) atomically; `cnn` in place of `vit` for an AudioCNN. `state` (from a last
+    checkpoint) continues an earlier run. Returns the per-epoch history.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    architecture = architecture_of(getattr(_unwrap(model), "config", None))
     state = state or {}
     history = list(state.get("history", []))
-    best_f1 = state.get("best_val_f1", -1.0)
+    if select_best_by not in ("val_f1", "val_eer"):
+        raise ValueError(f"select_best_by must be 'val_f1' or 'val_eer', got {select_best_by!r}")
+    best_value = state.get(f"best_{select_best_by}")
     stale_epochs = state.get("stale_epochs", 0)
     scaler = torch.amp.GradScaler("cuda", enabled=mixed_precision and device.type == "cuda"
                                   and not torch.cuda.is_bf16_supported())
@@ -1201,8 +2147,9 @@ def train_model(model, train_loader, val_loader, optimizer, criterion, device, n
                       val_f1=val["f1"], val_roc_auc=val["roc_auc"], val_eer=val["eer"],
                       lr=optimizer.param_groups[0]["lr"])
         history.append(record)
-        improved = val["f1"] > best_f1
-        best_f1, stale_epochs = (val["f1"], 0) if improved else (best_f1, stale_epochs + 1)
+        value = record[select_best_by]
+        improved = best_value is None or (value < best_value if select_best_by == "val_eer" else value > best_value)
+        best_value, stale_epochs = (value, 0) if improved else (best_value, stale_epochs + 1)
         dropped = sum(loader.dataset.dropped.value for loader in (train_loader, val_loader)
                       if hasattr(loader.dataset, "dropped"))
         if not is_main_process():
@@ -1214,11 +2161,11 @@ def train_model(model, train_loader, val_loader, optimizer, criterion, device, n
             print(f"  {dropped} unreadable item(s) dropped so far (see the warnings above)")
         if wandb_run is not None:
             wandb_run.log(record, step=epoch)
-        common = dict(model_state=_unwrap(model).state_dict(), epoch=epoch, best_val_f1=best_f1,
+        common = dict(model_state=_unwrap(model).state_dict(), epoch=epoch, **{f"best_{select_best_by}": best_value},
                       metrics=record, history=history, **(checkpoint_extras or {}))
         if improved:
-            save_checkpoint(checkpoint_dir / f"best_vit_model_{run_name}.pth", **common)
-        save_checkpoint(checkpoint_dir / f"last_vit_model_{run_name}.pth", **common,
+            save_checkpoint(checkpoint_dir / f"best_{architecture}_model_{run_name}.pth", **common)
+        save_checkpoint(checkpoint_dir / f"last_{architecture}_model_{run_name}.pth", **common,
                         optimizer_state=optimizer.state_dict(), stale_epochs=stale_epochs,
                         scheduler_state=scheduler.state_dict() if scheduler else None,
                         scaler_state=scaler.state_dict())
@@ -1291,10 +2238,10 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
     rank, world_size = _init_distributed()
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if world_size > 1 and torch.cuda.is_available() else get_device()
     set_seed(config.seed)
-    model_config = ALL_MODEL_CONFIGS[config.dataset_name]
-    vit_config = make_vit_config(config.model_size, (data_config.N_MELS, model_config.max_frames_spec))
+    model_config = make_model_config(config.dataset_name, data_config)
+    architecture_config = make_architecture_config(config.model_size, (data_config.N_MELS, model_config.max_frames_spec))
     datasets, loaders = build_loaders(config, model_config, data_config)
-    model = AudioViT(config=vit_config).to(device)
+    model = build_model(architecture_config).to(device)
     n_params = count_parameters(model)
     if is_main_process():
         print(f"Run {config.run_name}: {config.model_size} on {config.dataset_name}, {config.epochs} epochs, "
@@ -1316,11 +2263,11 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
         class_weights = torch.tensor(counts.sum() / (2.0 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=class_weights)
     checkpoint_dir = Path(config.checkpoint_dir)
-    last_path = checkpoint_dir / f"last_vit_model_{config.run_name}.pth"
+    last_path = config.checkpoint_path("last")
     state = None
     if config.resume and last_path.is_file():
         state = load_checkpoint(last_path, device)
-        check_checkpoint_compatible(state, vit_config, last_path)
+        check_checkpoint_compatible(state, architecture_config, last_path)
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         if scheduler is not None and state.get("scheduler_state"):
@@ -1331,35 +2278,43 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
     if world_size > 1:
         train_module = torch.nn.parallel.DistributedDataParallel(
             train_module, device_ids=[device.index] if device.type == "cuda" else None)
-    extras = dict(vit_config=vit_config.as_dict(), model_config=model_config.as_dict(),
-                  training_config=asdict(config))
+    train_normalization = datasets["train"].norm_stats   # inference needs them for a globally normalised model
+    extras = dict(architecture=config.architecture, **{f"{config.architecture}_config": architecture_config.as_dict()},
+                  model_config=model_config.as_dict(),
+                  training_config=asdict(config), data_config=data_settings(data_config),
+                  normalization=train_normalization and dict(zip(("mean", "std"), train_normalization)))
     wandb_run = init_wandb(config.run_name, extras, mode=config.wandb_mode) if is_main_process() else None
     try:
+        started = time.perf_counter()
         history = train_model(train_module, loaders["train"], loaders["val"], optimizer, criterion, device,
                               config.epochs, config.run_name, config.dataset_name, scheduler=scheduler,
                               checkpoint_dir=checkpoint_dir, grad_clip_norm=config.grad_clip_norm,
                               mixed_precision=config.mixed_precision,
                               early_stopping_patience=config.early_stopping_patience, seed=config.seed,
+                              select_best_by=config.select_best_by,
                               wandb_run=wandb_run, state=state, checkpoint_extras=extras,
                               progress=config.progress)
+        training_seconds = time.perf_counter() - started   # every epoch with its validation
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # rank 0 has written the best checkpoint
-        best = load_checkpoint(checkpoint_dir / f"best_vit_model_{config.run_name}.pth", device)
+        best = load_checkpoint(config.checkpoint_path(), device)
         model.load_state_dict(best["model_state"])
         test_loss, test_preds, test_labels, test_probs, cm = evaluate_model(model, loaders["test"], criterion,
                                                                           device, return_cm=True)
         test = compute_metrics(test_labels, test_probs)
         metrics = dict(run_name=config.run_name, best_epoch=best["epoch"], test_loss=test_loss,
                        test_accuracy=test["accuracy"], test_f1=test["f1"], test_roc_auc=test["roc_auc"],
-                       test_eer=test["eer"], history=history, parameters=n_params)
+                       test_eer=test["eer"], history=history, parameters=n_params,
+                       training_seconds=round(training_seconds, 1))
         if is_main_process():
             print(f"Test Loss: {test_loss:.4f}, Test Accuracy: {test['accuracy']:.4f}, "
                   f"Test F1-score: {test['f1']:.4f}, Test ROC AUC: {test['roc_auc']:.4f}")
+            store_verdict_threshold(config.checkpoint_path(), best, model, datasets["val"], device)
             plot_confusion_matrix(cm, CLASS_NAMES, config.run_name, config.results_dir, wandb_run=wandb_run)
             save_json_atomic(Path(config.results_dir) / f"training_{config.run_name}.json", metrics)
             if wandb_run is not None:
                 wandb_run.summary.update({k: v for k, v in metrics.items() if k != "history"})
-                log_checkpoint(wandb_run, checkpoint_dir / f"best_vit_model_{config.run_name}.pth", config.run_name)
+                log_checkpoint(wandb_run, config.checkpoint_path())
         return metrics
     finally:
         if wandb_run is not None:
@@ -1483,7 +2438,7 @@ def score_segments(model, dataset, device, batch_size=32):
 
 def score_split(model, cache_dir, dataset_name, split="test", device="cpu", data_config=DataConfig()):
     """Segment scores of one split of a processed dataset, after checking the model fits its shape."""
-    model_config = ALL_MODEL_CONFIGS[dataset_name]
+    model_config = make_model_config(dataset_name, data_config)
     if model.config.image_width != model_config.max_frames_spec or model.config.image_height != data_config.N_MELS:
         raise ValueError(f"the model takes {model.config.image_height}x{model.config.image_width} spectrograms "
                          f"but {dataset_name} has {data_config.N_MELS}x{model_config.max_frames_spec}")
@@ -1492,16 +2447,17 @@ def score_split(model, cache_dir, dataset_name, split="test", device="cpu", data
     return score_segments(model, dataset, device)
 
 
-def multi_seed_eer(training_config: TrainingConfig, seeds=(42, 43, 44)):
+def multi_seed_eer(training_config: TrainingConfig, seeds=(42, 43, 44), data_config=DataConfig()):
     """Train once per seed and report the test file-level EER of each best checkpoint, so a result
     can be quoted as mean +- std rather than one lucky run."""
     rows = []
     for seed in seeds:
         config = TrainingConfig(**{**asdict(training_config), "seed": seed,
                                    "run_name": f"{training_config.run_name}_seed{seed}"})
-        run_training(config)
-        model, _ = load_model(Path(config.checkpoint_dir) / f"best_vit_model_{config.run_name}.pth")
-        report = metrics_report(score_split(model, config.cache_dir, config.dataset_name, "test"))
+        run_training(config, data_config)
+        model, _ = load_model(config.checkpoint_path())
+        report = metrics_report(score_split(model, config.cache_dir, config.dataset_name, "test",
+                                            data_config=data_config))
         rows.append(dict(seed=seed, file_eer=report["file"]["eer"], segment_eer=report["segment"]["eer"]))
     table = pd.DataFrame(rows)
     std = table["file_eer"].std(ddof=1) if len(table) > 1 else float("nan")
@@ -1516,8 +2472,7 @@ def pool_file_scores(segments):
     scored = "score" in segments
     if scored:
         segments = segments.dropna(subset=["score"])
-    facts = [c for c in ("label", "speaker", "attack", "source", "duration_s", "loudness_lufs", "leading_silence_s")
-             if c in segments.columns]
+    facts = [c for c in ("label", "speaker", "attack", "source", *CLIP_FACTS) if c in segments.columns]
     aggregations = {c: (c, "first") for c in facts}
     aggregations["n_segments"] = ("segment_index", "size")
     if "filled_fraction" in segments:
@@ -1538,6 +2493,26 @@ def metrics_report(segments):
             "segment": compute_metrics(scored["label"], scored["p_fake"])}
 
 
+def validation_eer_threshold(model, val_dataset, device):
+    """The verdict threshold: where the file-level validation scores (each file's mean segment score,
+    pooled as verdicts pool them) reach the EER. A file scoring at or below it is called fake.
+    None when the validation split lacks a class."""
+    files = pool_file_scores(score_segments(model, val_dataset, device))
+    if files["label"].nunique() < 2:
+        return None
+    return eer_from_labels(files["label"], files["score"])[1]
+
+
+def store_verdict_threshold(path, checkpoint, model, val_dataset, device):
+    """Add the validation-EER threshold of `model` (holding `checkpoint`'s weights) to the checkpoint at `path`."""
+    threshold = validation_eer_threshold(model, val_dataset, device)
+    if threshold is None:
+        print("No verdict threshold stored: the validation split lacks a class, so verdicts will use score 0")
+        return
+    save_checkpoint(path, **{**checkpoint, "eer_threshold": threshold})
+    print(f"Verdict threshold (validation EER, file level): score <= {threshold:.4f} is fake")
+
+
 def per_attack_eer(files):
     """EER of all bona fide files against the spoofed files of each attack, plus the pooled EER."""
     bonafide = files.loc[files["label"] == 0, "score"]
@@ -1549,10 +2524,30 @@ def per_attack_eer(files):
     return pd.DataFrame(rows)
 
 
+def score_file_token(text):
+    """`text` as one score-file field: whitespace (which would split it) and '%' percent-encoded, so
+    distinct texts stay distinct."""
+    return "".join("".join(f"%{byte:02X}" for byte in c.encode()) if c.isspace() or c == "%" else c
+                   for c in str(text))
+
+
+def score_file_ids(relative_paths):
+    """One id per file: its name without extension (ASVspoof's utterance ids) when no two files share
+    one, else every file's path relative to the inputs; always one whitespace-free token."""
+    paths = [Path(p).as_posix() for p in relative_paths]
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise ValueError(f"a score file needs one line per file, but {len(repeated)} path(s) are listed twice: "
+                         f"{', '.join(repeated[:3])}")
+    names = [Path(p).stem for p in paths]
+    return [score_file_token(i) for i in (names if len(set(names)) == len(names) else paths)]
+
+
 def write_score_file(path, files):
     """ASVspoof-style score file, one line per file: `FILE_ID SCORE ATTACK KEY` (higher = bona fide)."""
-    lines = [f"{Path(row.original_path).stem} {row.score:.6f} {row.attack if isinstance(row.attack, str) else '-'} "
-             f"{'bonafide' if row.label == 0 else 'spoof'}" for row in files.itertuples()]
+    ids = score_file_ids(files["original_path"])
+    lines = [f"{file_id} {row.score:.6f} {score_file_token(row.attack) if isinstance(row.attack, str) else '-'} "
+             f"{'bonafide' if row.label == 0 else 'spoof'}" for file_id, row in zip(ids, files.itertuples())]
     with atomic_write(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
@@ -1565,8 +2560,10 @@ def read_score_file(path):
         if not parts:
             continue
         try:
+            if len(parts) not in (2, 4):   # an id split by a space would shift every field after it
+                raise ValueError
             score = float(parts[1])
-        except (IndexError, ValueError):
+        except ValueError:
             raise ValueError(f"{path}:{number}: expected 'FILE_ID SCORE [ATTACK KEY]', got {line!r}") from None
         key = parts[3] if len(parts) > 3 else None
         if key not in (None, "bonafide", "spoof"):
@@ -1577,26 +2574,109 @@ def read_score_file(path):
 
 
 SHORTCUT_FEATURES = {"duration_s": "clip duration (s)", "filled_fraction": "looped/padded share of segments",
-                     "leading_silence_s": "leading silence (s)", "loudness_lufs": "loudness before normalisation (LUFS)"}
+                     "leading_silence_s": "leading silence (s)",
+                     "loudness_lufs": "loudness before normalisation (LUFS)",
+                     "original_sample_rate": "original sample rate (Hz)", "dc_offset": "DC offset (mean / RMS)",
+                     "noise_floor_db": "noise floor (quietest frames, dB below the loudest)",
+                     "high_band_energy_ratio": "share of energy above 4 kHz",
+                     "spectral_rolloff_hz": "95% spectral roll-off (Hz)"}
+ALL_FEATURES_TOGETHER = "all trivial features together"
+SPECTRAL_ENVELOPE = "spectral envelope (each band's mean and std)"
 
 
-def shortcut_audit(train_files, test_files):
-    """File-level EER on test of trivial classifiers fitted on train, one per feature a detector
-    should not rely on, and all of them together. An EER far below 0.5 means the corpus lets a
-    model separate the classes without listening to the speech."""
+def band_statistics(split_dir):
+    """Per original file of a processed split: each mel band's mean and standard deviation over time
+    of the stored dB spectrograms, averaged over the file's segments. One .npy is read at a time."""
+    split_dir = Path(split_dir)
+    metadata = read_metadata(split_dir)
+    paths, labels, rows, n_bands = [], [], [], None
+    for original_path, group in metadata.groupby("original_path", sort=True):
+        per_segment = []
+        for npy_path in group["npy_path"]:
+            try:
+                spec = np.load(split_dir / npy_path)
+            except (OSError, ValueError) as error:
+                raise DatasetError(f"{split_dir / npy_path}: cannot read the spectrogram ({error})") from None
+            spec = spec.reshape(-1, spec.shape[-1]).astype(np.float64)  # (bands, frames)
+            n_bands = n_bands or len(spec)
+            if len(spec) != n_bands:
+                raise DatasetError(f"{split_dir / npy_path}: {len(spec)} mel bands where other segments have {n_bands}")
+            per_segment.append(np.r_[spec.mean(axis=1), spec.std(axis=1)])
+        paths.append(original_path)
+        labels.append(int(group["label"].iloc[0]))
+        rows.append(np.mean(per_segment, axis=0).astype(np.float32))
+    columns = [f"mean_{b:03d}" for b in range(n_bands)] + [f"std_{b:03d}" for b in range(n_bands)]
+    return pd.concat([pd.DataFrame(dict(original_path=paths, label=labels)),
+                      pd.DataFrame(np.stack(rows), columns=columns)], axis=1)
+
+
+def trivial_classifier_eer(train_x, train_labels, test_x, test_labels):
+    """Test EER of a standardised logistic regression fitted on train (a missing value: the train median)."""
+    from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    rows = []
-    for name, columns in [*[(f, [f]) for f in SHORTCUT_FEATURES], ("all four together", list(SHORTCUT_FEATURES))]:
-        classifier = make_pipeline(StandardScaler(), LogisticRegression())
-        classifier.fit(train_files[columns].to_numpy(float), train_files["label"])
-        p_fake = classifier.predict_proba(test_files[columns].to_numpy(float))[:, 1]
-        # A constant prediction carries no information; the official EER of all-tied scores is 1.0
-        # (every bona fide file is rejected before any spoof is accepted), so call it chance.
-        eer = 0.5 if np.ptp(p_fake) == 0 else eer_from_labels(test_files["label"], -p_fake)[0]
-        rows.append(dict(feature=SHORTCUT_FEATURES.get(name, name), test_eer=eer))
-    return pd.DataFrame(rows)
+    classifier = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), LogisticRegression(max_iter=1000))
+    classifier.fit(np.asarray(train_x, float), train_labels)
+    p_fake = classifier.predict_proba(np.asarray(test_x, float))[:, 1]
+    # A constant prediction carries no information; the official EER of all-tied scores is 1.0
+    # (every bona fide file is rejected before any spoof is accepted), so call it chance.
+    return 0.5 if np.ptp(p_fake) == 0 else eer_from_labels(test_labels, -p_fake)[0]
+
+
+def shortcut_audit(train_files, test_files, dataset_dir=None):
+    """File-level test EER of trivial classifiers fitted on the train files: one per feature a detector
+    should not rely on, all of them together and, given the processed `dataset_dir`, the spectral
+    envelope of its train and test splits. An EER far below 0.5 means the corpus lets a model separate
+    the classes without listening to the speech. Features a dataset lacks (prepared before they were
+    recorded) are left out with a printed note."""
+    usable = [f for f in SHORTCUT_FEATURES if f in train_files and f in test_files
+              and train_files[f].notna().any() and test_files[f].notna().any()]
+    absent = [name for f, name in SHORTCUT_FEATURES.items() if f not in usable]
+    if absent:
+        print(f"Not audited, not recorded when this dataset was prepared (delete it and prepare it again "
+              f"to audit them): {', '.join(absent)}")
+    for feature in usable:
+        unknown = int(train_files[feature].isna().sum() + test_files[feature].isna().sum())
+        if unknown:
+            print(f"{SHORTCUT_FEATURES[feature]}: unknown for {unknown} file(s), taken as the train median")
+    groups = [(SHORTCUT_FEATURES[f], "feature", [f]) for f in usable]
+    if len(usable) > 1:
+        groups.append((ALL_FEATURES_TOGETHER, "features together", usable))
+    rows = [dict(feature=name, test_eer=trivial_classifier_eer(train_files[columns], train_files["label"],
+                                                               test_files[columns], test_files["label"]), kind=kind)
+            for name, kind, columns in groups]
+    if dataset_dir is not None:
+        train_bands = band_statistics(Path(dataset_dir) / "train")
+        test_bands = band_statistics(Path(dataset_dir) / "test")
+        test_bands = test_bands[test_bands["original_path"].isin(test_files["original_path"])]
+        bands = train_bands.columns.drop(["original_path", "label"])
+        rows.append(dict(feature=SPECTRAL_ENVELOPE, kind="spectral envelope",
+                         test_eer=trivial_classifier_eer(train_bands[bands], train_bands["label"],
+                                                         test_bands[bands], test_bands["label"])))
+    return pd.DataFrame(rows, columns=["feature", "test_eer", "kind"])
+
+
+def audit_verdict(audit, model_eer):
+    """A plain sentence beside the shortcut audit: the best trivial feature, the spectral envelope and
+    the model, and whether the model is clearly better, i.e. its EER is below half of every reference's."""
+    references = audit[audit["kind"] != "model"]
+    if references.empty:
+        return f"File-level test EER of the model: {model_eer:.4f}; no trivial reference was computed."
+    trivial = references[references["kind"] != "spectral envelope"]
+    envelope = references.loc[references["kind"] == "spectral envelope", "test_eer"]
+    parts = [f"the model {model_eer:.4f}"]
+    if len(trivial):
+        best = trivial.loc[trivial["test_eer"].idxmin()]
+        parts.append(f"best trivial feature ({best['feature']}) {best['test_eer']:.4f}")
+    parts.append(f"spectral envelope {envelope.iloc[0]:.4f}" if len(envelope) else "spectral envelope not computed")
+    summary = "File-level test EER: " + "; ".join(parts) + "."
+    strongest = references.loc[references["test_eer"].idxmin()]
+    if model_eer < strongest["test_eer"] / 2:
+        return f"{summary} The model is clearly better: its EER is below half of every reference's."
+    return (f"{summary} The model is NOT clearly better than its references ({strongest['feature']} reaches "
+            f"{strongest['test_eer']:.4f}; clearly better means below half of that): its score may measure "
+            f"the corpus, not the speech.")
 
 
 def cls_attention(maps, layer=-1):
@@ -1616,46 +2696,175 @@ def attention_rollout(maps):
     return rollout[:, 0, 1:]
 
 
-def check_checkpoint_compatible(checkpoint, vit_config, source="checkpoint"):
-    saved = checkpoint.get("vit_config", {})
-    expected = vit_config.as_dict()
+def check_architecture(checkpoint, architecture, source="checkpoint"):
+    """A clear error when `checkpoint` holds the other architecture than `architecture` ("vit" or "cnn")."""
+    saved = checkpoint.get("architecture", "vit")   # checkpoints from before the CNN baseline are ViTs
+    if saved != architecture:
+        held, wanted = (ARCHITECTURE_CONFIGS[a].__name__.removesuffix("Config") for a in (saved, architecture))
+        name = checkpoint.get(f"{saved}_config", {}).get("name", "")
+        raise ValueError(f"{source} holds a {held} ({name}), not a {wanted}: use a {held} model size or "
+                         f"load_model, which rebuilds whatever a checkpoint holds")
+
+
+def check_checkpoint_compatible(checkpoint, config, source="checkpoint"):
+    """A clear error naming each setting where the checkpoint's model differs from `config` (a
+    ViTConfig or CNNConfig)."""
+    check_architecture(checkpoint, architecture_of(config), source)
+    saved = checkpoint.get(f"{architecture_of(config)}_config", {})
+    expected = config.as_dict()
     differing = {k: (saved.get(k), v) for k, v in expected.items() if k not in ("dropout", "emb_dropout") and saved.get(k) != v}
     if differing:
         details = ", ".join(f"{k}: checkpoint {a} vs expected {b}" for k, (a, b) in differing.items())
         raise ValueError(f"{source} does not match the model: {details}")
 
 
+# ---------------------------------------------------------------- LFCC-GMM baseline
+def file_lfcc_frames(files, audio_dir, data_config=DataConfig(), max_frames_per_file=None, seed=DataConfig.SEED,
+                     progress=True):
+    """LFCC frames of each original file in `files` (`original_path` relative to `audio_dir`), from
+    the whole clip as normalized_clip gives it: {original_path: float32 (frames, 60)}, a row per 10 ms
+    frame. max_frames_per_file keeps a seeded random subset of each file's frames, to bound memory.
+    Returns (frames, skipped): skipped lists (original_path, reason) for each file that cannot be used."""
+    rng = np.random.default_rng(seed)
+    frames, skipped = {}, []
+    for path in tqdm(files["original_path"].unique(), desc="LFCC", disable=not progress, file=sys.stderr):
+        try:
+            features = lfcc(normalized_clip(Path(audio_dir) / path, data_config), data_config.SR).T
+        except (AudioError, ValueError) as error:
+            skipped.append((path, str(error)))
+            continue
+        if max_frames_per_file and len(features) > max_frames_per_file:
+            features = features[np.sort(rng.choice(len(features), max_frames_per_file, replace=False))]
+        frames[path] = features
+    return frames, skipped
+
+
+def fit_gmm_baseline(class_frames, n_components=512, seed=DataConfig.SEED, max_iter=200):
+    """One Gaussian mixture with diagonal covariances per class, fitted by EM on that class's
+    training frames, as in the ASVspoof 2019 LFCC-GMM baseline (which uses 512 components).
+    `class_frames`: {0: bona fide frames (n, dims), 1: spoof frames}. Returns {0: GMM, 1: GMM}."""
+    from sklearn.mixture import GaussianMixture
+    for label, name in enumerate(("bona fide", "spoof")):   # both checked before the slow fitting starts
+        frames = class_frames.get(label)
+        if frames is None or len(frames) == 0:
+            raise ValueError(f"no {name} training frames: the training files hold no usable {name} audio")
+        if len(frames) < n_components:
+            raise ValueError(f"a GMM of {n_components} components needs at least as many frames, but the "
+                             f"{name} class has {len(frames)} training frames: use fewer components")
+    # The variance floor keeps a component on repeated frames (digital silence) from collapsing.
+    return {label: GaussianMixture(n_components, covariance_type="diag", max_iter=max_iter, reg_covar=1e-3,
+                                   random_state=seed).fit(np.asarray(class_frames[label], dtype=np.float64))
+            for label in (0, 1)}
+
+
+def score_gmm_baseline(models, files, frames):
+    """`files` (one row per file, as pool_file_scores gives) with each file's `score`: the mean over
+    its LFCC frames of log p(frame | bona fide) - log p(frame | spoof), the baseline's log-likelihood
+    ratio (higher = bona fide), and `p_fake` from it. Files without frames are left out."""
+    from scipy.special import expit
+    scored = files[files["original_path"].isin(list(frames))].reset_index(drop=True)
+    scored["score"] = [models[0].score(frames[path]) - models[1].score(frames[path])
+                       for path in scored["original_path"]]
+    scored["p_fake"] = expit(-scored["score"])
+    return scored
+
+
+def lfcc_gmm_baseline(cache_dir, dataset_name, audio_dir=None, n_components=512, max_frames_per_class=200_000,
+                      split="test", data_config=DataConfig(), seed=DataConfig.SEED, progress=True):
+    """The LFCC-GMM baseline on a prepared dataset's own splits: GMMs fitted on the train files'
+    LFCC frames (at most about max_frames_per_class per class, spread over its files), then the files
+    of `split` scored. `audio_dir` defaults to the corpus the dataset was prepared from.
+    Returns (models, scored files of `split`); prints how many files were used and each one skipped."""
+    dataset_dir = Path(cache_dir) / dataset_name
+    if audio_dir is None:
+        audio_dir = json.loads((dataset_dir / "preparation.json").read_text())["corpus_root"]
+    metadata = read_dataset_metadata(dataset_dir)
+    train = pool_file_scores(metadata[metadata["split"] == "train"])
+    class_frames, skipped = {}, []
+    for label in (0, 1):
+        class_files = train[train["label"] == label]
+        per_file = math.ceil(max_frames_per_class / max(len(class_files), 1))
+        frames, class_skipped = file_lfcc_frames(class_files, audio_dir, data_config, per_file, seed, progress)
+        class_frames[label] = np.concatenate(list(frames.values())) if frames else np.zeros((0, 0), np.float32)
+        skipped += class_skipped
+    models = fit_gmm_baseline(class_frames, n_components, seed)
+    evaluated = pool_file_scores(metadata[metadata["split"] == split])
+    frames, split_skipped = file_lfcc_frames(evaluated, audio_dir, data_config, progress=progress)
+    skipped += split_skipped
+    print(f"LFCC-GMM ({n_components} components): fitted on {len(class_frames[0])} bona fide and "
+          f"{len(class_frames[1])} spoof frames of {len(train)} train files; {len(frames)} {split} files "
+          f"scored; {len(skipped)} file(s) skipped")
+    for path, reason in skipped:
+        print(f"  skipped {path}: {reason}")
+    return models, score_gmm_baseline(models, evaluated, frames)
+
+
 # ---------------------------------------------------------------- inference
-def load_model(checkpoint_path, device="cpu"):
-    """AudioViT rebuilt from a checkpoint's own config, in eval mode; returns (model, checkpoint)."""
+def load_model(checkpoint_path, device="cpu", architecture=None):
+    """AudioViT or AudioCNN rebuilt from a checkpoint's own config, in eval mode; returns (model,
+    checkpoint). With `architecture` ("vit" or "cnn"), a checkpoint of the other one is an error."""
     checkpoint = load_checkpoint(checkpoint_path, device)
-    if "vit_config" not in checkpoint or "model_state" not in checkpoint:
-        raise ValueError(f"{checkpoint_path}: not a checkpoint written by this project (no vit_config/model_state)")
-    model = AudioViT(config=ViTConfig(**checkpoint["vit_config"])).to(device)
+    saved = checkpoint.get("architecture", "vit")
+    if f"{saved}_config" not in checkpoint or "model_state" not in checkpoint:
+        raise ValueError(f"{checkpoint_path}: not a checkpoint written by this project (no {saved}_config/model_state)")
+    if architecture is not None:
+        check_architecture(checkpoint, architecture, checkpoint_path)
+    inference_settings(checkpoint, checkpoint_path)   # a checkpoint that cannot be scored fails here, named
+    if "data_config" not in checkpoint:
+        print(f"{display_path(checkpoint_path)} holds no data settings (written by an older vit_lib): "
+              f"scoring with the default data settings")
+    model = build_model(ARCHITECTURE_CONFIGS[saved](**checkpoint[f"{saved}_config"])).to(device)
     model.load_state_dict(checkpoint["model_state"])
     return model.eval(), checkpoint
 
 
-def score_audio_file(path, model, model_config, data_config=DataConfig(), device="cpu"):
+def verdict_threshold(checkpoint):
+    """(threshold on the file score, where it comes from): the validation-EER threshold stored at
+    training, or 0 (p(fake) = 0.5) for a checkpoint without one."""
+    if checkpoint.get("eer_threshold") is None:
+        return 0.0, "none in checkpoint (0.0, i.e. p(fake) = 0.5)"
+    return float(checkpoint["eer_threshold"]), "validation EER (file level)"
+
+
+def _batches(items, size):
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+def score_audio_file(path, model, checkpoint, device="cpu", batch_size=32):
     """Any audio file -> (per-segment timeline DataFrame, verdict dict), through the same preparation
-    path as training data. The verdict pools segment scores as pool_file_scores does."""
+    path as training data, with the settings `checkpoint` (from load_model) carries: the data settings,
+    the train statistics of a globally normalised model and the verdict threshold. The verdict pools
+    segment scores as pool_file_scores does; a file scoring at or below the threshold is called fake."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError("score_audio_file takes the checkpoint that load_model returns "
+                        "(it holds the model's data settings and verdict threshold)")
+    data_config, (mean, std) = inference_settings(checkpoint)
+    model_config = ModelConfig.from_dict(checkpoint["model_config"], data_config)
     expected_width = model.config.image_width
     if model_config.max_frames_spec != expected_width:
         raise ValueError(f"model expects {expected_width} frames but {model_config.name} gives "
                          f"{model_config.max_frames_spec}")
-    specs, facts = clip_to_spectrograms(path, model_config, data_config)
-    batch = torch.stack([normalize_spectrogram(torch.from_numpy(s[None]), eps=data_config.NORM_EPSILON)
-                         for _, s, _ in specs]).to(device)
-    with torch.no_grad():
-        logits = model.eval()(batch).float().cpu().numpy().astype(np.float64)
-    scores = logits[:, 0] - logits[:, 1]
-    timeline = pd.DataFrame(dict(segment=range(len(specs)), start_s=[s for s, _, _ in specs],
-                                 end_s=[min(s + model_config.audio_length_seconds, facts["duration_s"]) for s, _, _ in specs],
+    facts, specs = clip_spectrograms(path, model_config, data_config)
+    starts, scores = [], []
+    model.eval()
+    for batch in _batches(specs, batch_size):   # spectrograms made and scored a batch at a time
+        inputs = torch.stack([normalize_spectrogram(torch.from_numpy(spec[None]), mean, std, data_config.NORM_EPSILON)
+                              for _, spec, _ in batch])
+        with torch.no_grad():
+            logits = model(inputs.to(device)).float().cpu().numpy().astype(np.float64)
+        starts += [start for start, _, _ in batch]
+        scores += list(logits[:, 0] - logits[:, 1])
+    scores = np.array(scores)
+    timeline = pd.DataFrame(dict(segment=range(len(scores)), start_s=starts,
+                                 end_s=[min(s + model_config.audio_length_seconds, facts["duration_s"]) for s in starts],
                                  score=scores, p_fake=1.0 / (1.0 + np.exp(scores))))
     file_score = float(scores.mean())
-    p_fake = 1.0 / (1.0 + math.exp(file_score))
-    verdict = dict(file=Path(path).name, duration_s=facts["duration_s"], segments=len(specs), score=file_score,
-                   p_fake=p_fake, verdict="fake" if p_fake > 0.5 else "real")
+    threshold, threshold_source = verdict_threshold(checkpoint)
+    verdict = dict(file=Path(path).name, duration_s=facts["duration_s"], segments=len(scores), score=file_score,
+                   p_fake=1.0 / (1.0 + math.exp(file_score)), threshold=threshold,
+                   threshold_source=threshold_source, verdict="fake" if file_score <= threshold else "real")
     return timeline, verdict
 
 
@@ -1754,12 +2963,11 @@ def plot_spectrogram(spec, ax, title="", data_config=DataConfig(), colorbar_labe
 
 def plot_attention(spec, patch_weights, ax, vit_config, title=""):
     """CLS attention over patches drawn on top of the spectrogram (normalised to its maximum)."""
-    grid = np.asarray(patch_weights).reshape(vit_config.image_height // vit_config.patch_height,
-                                              vit_config.image_width // vit_config.patch_width)
+    grid = np.asarray(patch_weights).reshape(vit_config.patch_rows, vit_config.patch_columns)
     spec = np.asarray(spec).squeeze()
     ax.imshow(spec, origin="lower", aspect="auto", cmap="gray")
-    upsampled = np.kron(grid / grid.max(), np.ones((vit_config.patch_height, vit_config.patch_width)))
-    ax.imshow(upsampled, origin="lower", aspect="auto", cmap="inferno", alpha=0.55)
+    ax.imshow(grid / grid.max(), origin="lower", aspect="auto", cmap="inferno", alpha=0.55,
+              extent=(0, vit_config.image_width, 0, vit_config.image_height))
     ax.set(xlabel="frame", ylabel="mel bin", title=title)
 
 
@@ -1770,13 +2978,15 @@ def plot_timeline(audio, timeline, verdict, data_config=DataConfig(), save_path=
     fig, (wave_ax, spec_ax, prob_ax) = plt.subplots(3, 1, figsize=(10, 7), sharex=True,
                                                     gridspec_kw=dict(height_ratios=[1, 1.4, 1]))
     wave_ax.plot(np.arange(len(audio)) / data_config.SR, audio, lw=0.3)
-    wave_ax.set(ylabel="amplitude", title=f"{verdict['file']}: {verdict['verdict']} (p(fake) = {verdict['p_fake']:.3f})")
+    fake_from = 1.0 / (1.0 + math.exp(verdict["threshold"]))   # the verdict threshold as a probability
+    wave_ax.set(ylabel="amplitude", title=f"{verdict['file']}: {verdict['verdict']} (p(fake) = {verdict['p_fake']:.3f}; "
+                                          f"fake from {fake_from:.3f}, {verdict['threshold_source']})")
     mel = log_mel_spectrogram(audio, data_config)
     spec_ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", extent=[0, seconds, 0, mel.shape[0]])
     spec_ax.set(ylabel="mel bin")
     for row in timeline.itertuples():
-        prob_ax.hlines(row.p_fake, row.start_s, row.end_s, lw=4, color="C3" if row.p_fake > 0.5 else "C0")
-    prob_ax.axhline(0.5, color="k", ls=":", lw=1)
+        prob_ax.hlines(row.p_fake, row.start_s, row.end_s, lw=4, color="C3" if row.p_fake >= fake_from else "C0")
+    prob_ax.axhline(fake_from, color="k", ls=":", lw=1)
     prob_ax.set(xlabel="time (s)", ylabel="p(fake) per segment", ylim=(-0.05, 1.05), xlim=(0, seconds))
     if save_path:
         save_figure(fig, save_path)
@@ -1804,27 +3014,30 @@ def init_wandb(run_name, config, mode=None, save_dir=REPO_ROOT):
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if key else "offline")
     if mode == "online":
         os.environ["WANDB_API_KEY"] = key or ""
-    settings = wandb.Settings(silent=True, console="off", init_timeout=30, x_disable_stats=True)
+    # Unreachable servers are retried until init_timeout: long enough for a slow connection, short
+    # enough that a machine without network starts training within seconds.
+    settings = wandb.Settings(silent=True, console="off", init_timeout=10, x_disable_stats=True)
     try:
         return wandb.init(project=WANDB_PROJECT, name=run_name, config=config, mode=mode, dir=str(save_dir),
                           settings=settings, reinit="finish_previous")
     except Exception:
         if mode != "online":
             raise
+        print(f"wandb: could not reach the server, logging offline to {display_path(Path(save_dir) / 'wandb')}")
         return wandb.init(project=WANDB_PROJECT, name=run_name, config=config, mode="offline", dir=str(save_dir),
                           settings=settings, reinit="finish_previous")
 
 
-def log_checkpoint(wandb_run, path, run_name):
+def log_checkpoint(wandb_run, path):
     import wandb
-    artifact = wandb.Artifact(f"best_vit_model_{run_name}", type="model")
+    artifact = wandb.Artifact(Path(path).stem, type="model")   # best_{vit|cnn}_model_{run_name}
     artifact.add_file(str(path))
     wandb_run.log_artifact(artifact)
 
 
 # ---------------------------------------------------------------- command line
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="vit_lib", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vit-audio", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="raw corpus -> processed dataset")
     prepare.add_argument("corpus_root")
@@ -1836,7 +3049,9 @@ def main(argv=None):
     train = commands.add_parser("train", help="train (also under torchrun --nproc_per_node=N)")
     for item in fields(TrainingConfig):
         flag = "--" + item.name.replace("_", "-")
-        if item.type in ("bool", bool):
+        if item.name == "progress":
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=show_progress())
+        elif item.type in ("bool", bool):
             train.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default)
         else:
             kind = {"int": int, "float": float}.get(str(item.type).split(" ")[0], str)
@@ -1846,35 +3061,87 @@ def main(argv=None):
     score.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
     score.add_argument("--output", required=True)
     args = parser.parse_args(argv)
-    if args.command == "prepare":
-        prepare_dataset(args.corpus_root, args.dataset, args.corpus, args.cache_dir, num_workers=args.workers,
-                        speaker_pattern=args.speaker_pattern)
-    elif args.command == "train":
+    if args.command == "train":
         run_training(TrainingConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
-    else:
-        score_files(args.checkpoint, args.inputs, args.output)
+        return 0
+    try:
+        if args.command == "prepare":
+            summary, _, _ = prepare_dataset(args.corpus_root, args.dataset, args.corpus, args.cache_dir,
+                                            num_workers=args.workers, speaker_pattern=args.speaker_pattern,
+                                            progress=show_progress())
+            if not summary["used_files"]:
+                print(f"no file could be prepared: each one is listed with its reason in "
+                      f"{summary['dataset_dir']}/skipped.csv")
+                return 1
+        else:
+            scored, _ = score_files(args.checkpoint, args.inputs, args.output, progress=show_progress())
+            if not scored:
+                return 1
+    except (ValueError, FileNotFoundError, DatasetError, SplitLeakError) as error:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    return 0
+
+
+def show_progress():
+    """Progress bars unless VIT_PROGRESS=0 (the test session sets it: their redraws depend on timing)."""
+    return os.environ.get("VIT_PROGRESS", "1") != "0"
+
+
+def check_output_path(path):
+    """Fail before any work is done when no file can be written at `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the name of the file to write")
+    if path.exists() and not path.is_file():   # a pipe or device (/dev/stdout) is written straight through
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"cannot write to {path}")
+        return
+    folder = next(parent for parent in path.resolve().parents if parent.exists())   # where a link leads
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: {folder} is not a folder this process can write to")
+
+
+def _scoring_inputs(inputs):
+    """(path, path relative to the inputs' common folder) of every audio file in `inputs` (files or
+    folders, searched recursively), each file once."""
+    items = [Path(os.path.abspath(item)) for item in inputs]
+    root = Path(os.path.commonpath([item if item.is_dir() else item.parent for item in items]))
+    paths = dict.fromkeys(p for item in items for p in (_audio_files(item) if item.is_dir() else [item]))
+    return [(path, path.relative_to(root)) for path in paths]
 
 
 def score_files(checkpoint_path, inputs, output, progress=True):
-    """Score every audio file in `inputs` (files or folders) into `output`: `FILE_ID SCORE` lines.
-    Files that cannot be scored are listed with their reason and left out."""
+    """Score every audio file in `inputs` (files or folders) into `output`: `FILE_ID SCORE` lines, ids
+    as score_file_ids makes them from the paths relative to the inputs. A file that cannot be scored,
+    whatever the reason, is listed with it and left out; when none can be, `output` is not written.
+    Returns (files scored, failures)."""
+    check_output_path(output)
+    files = _scoring_inputs(inputs)
+    if not files:
+        raise ValueError(f"no audio files in {', '.join(map(str, inputs))}")
     model, checkpoint = load_model(checkpoint_path)
-    model_config = ModelConfig(**{k: v for k, v in checkpoint["model_config"].items() if k != "max_frames_spec"})
-    paths = [p for item in map(Path, inputs) for p in (_audio_files(item) if item.is_dir() else [item])]
+    ids = score_file_ids([relative for _, relative in files])
     lines, failures = [], []
-    for path in tqdm(paths, desc="Scoring", file=sys.stderr, disable=not progress):
+    for (path, _), file_id in tqdm(list(zip(files, ids)), desc="Scoring", file=sys.stderr, disable=not progress):
         try:
-            _, verdict = score_audio_file(path, model, model_config)
-            lines.append(f"{path.stem} {verdict['score']:.6f}")
-        except AudioError as error:
-            failures.append(f"{display_path(path)}: {error}")
-    with atomic_write(output, "w") as handle:
-        handle.write("\n".join(lines) + ("\n" if lines else ""))
-    print(f"Scored {len(lines)} file(s) into {display_path(output)}; {len(failures)} could not be scored")
+            _, verdict = score_audio_file(path, model, checkpoint)
+        except Exception as error:   # one bad file must not end a long run
+            reason = error if isinstance(error, AudioError) else f"{type(error).__name__}: {error}"
+            failures.append(f"{display_path(path)}: {reason}")
+            continue
+        lines.append(f"{file_id} {verdict['score']:.6f}")
+    if lines:
+        with atomic_write(output, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        print(f"Scored {len(lines)} file(s) into {display_path(output)}; {len(failures)} could not be scored")
+    else:
+        print(f"No file could be scored ({len(failures)} tried); {display_path(output)} was not written")
     for failure in failures:
         print(f"  skipped {failure}")
+    threshold, source = verdict_threshold(checkpoint)
+    print(f"Verdict threshold: score <= {threshold:.4f} is fake ({source})")
     return len(lines), failures
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

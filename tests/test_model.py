@@ -11,41 +11,6 @@ import vit_lib
 from vit_lib import AudioViT, TrainingConfig, ViTConfig
 
 
-# ---------------------------------------------------------------- the official ASVspoof oracle
-# compute_det_curve and compute_eer copied verbatim from the official ASVspoof evaluation package,
-# eval_metrics.py (ASVspoof 2019 tDCF_python_v2 / ASVspoof 2021 eval-package,
-# https://github.com/asvspoof-challenge/2021/blob/main/eval-package/eval_metrics.py,
-# "ASVspoof consortium", CC BY-NC-SA 4.0). Used only as the reference vit_lib must reproduce exactly.
-def compute_det_curve(target_scores, nontarget_scores):
-
-    n_scores = target_scores.size + nontarget_scores.size
-    all_scores = np.concatenate((target_scores, nontarget_scores))
-    labels = np.concatenate((np.ones(target_scores.size), np.zeros(nontarget_scores.size)))
-
-    # Sort labels based on scores
-    indices = np.argsort(all_scores, kind='mergesort')
-    labels = labels[indices]
-
-    # Compute false rejection and false acceptance rates
-    tar_trial_sums = np.cumsum(labels)
-    nontarget_trial_sums = nontarget_scores.size - (np.arange(1, n_scores + 1) - tar_trial_sums)
-
-    frr = np.concatenate((np.atleast_1d(0), tar_trial_sums / target_scores.size))  # false rejection rates
-    far = np.concatenate((np.atleast_1d(1), nontarget_trial_sums / nontarget_scores.size))  # false acceptance rates
-    thresholds = np.concatenate((np.atleast_1d(all_scores[indices[0]] - 0.001), all_scores[indices]))  # Thresholds are the sorted scores
-
-    return frr, far, thresholds
-
-
-def compute_eer(target_scores, nontarget_scores):
-    """ Returns equal error rate (EER) and the corresponding threshold. """
-    frr, far, thresholds = compute_det_curve(target_scores, nontarget_scores)
-    abs_diffs = np.abs(frr - far)
-    min_index = np.argmin(abs_diffs)
-    eer = np.mean((frr[min_index], far[min_index]))
-    return eer, thresholds[min_index]
-
-
 # ---------------------------------------------------------------- configuration (§2)
 def test_vit_config_counts_patches_and_patch_dim():
     config = ViTConfig("t", (128, 256), (16, 16), dim=64, depth=1, heads=2, mlp_dim=128)
@@ -303,26 +268,77 @@ def test_eer_is_one_when_classes_are_inverted():
     assert eer == 1.0
 
 
-@pytest.mark.parametrize("ties", [False, True], ids=["continuous", "integer_ties"])
-def test_eer_equals_official_asvspoof_algorithm_on_random_scores(ties):
-    rng = np.random.default_rng(2019 + ties)
+def test_det_curve_has_one_point_per_sorted_score_plus_one_below_them_all():
+    # the interleaved lists of the test above, their table row by row
+    frr, far, thresholds = vit_lib.det_curve([1, 2, 3, 4], [0, 1.5, 2.5, 3.5])
+    np.testing.assert_array_equal(thresholds, [-0.001, 0, 1, 1.5, 2, 2.5, 3, 3.5, 4])
+    np.testing.assert_array_equal(frr, [0, 0, .25, .25, .5, .5, .75, .75, 1])
+    np.testing.assert_array_equal(far, [1, .75, .75, .5, .5, .25, .25, 0, 0])
+
+
+def test_eer_with_scores_tied_across_classes_passes_the_bona_fide_ones_first():
+    # Bona fide [1, 2, 3], spoof [0, 2, 2]. Among equal scores the bona fide trials are counted as
+    # rejected before the spoof ones (the order the ASVspoof evaluation package walks them in):
+    #   point : start  0s   1b   2b   2s   2s   3b
+    #   FRR   :  0     0   1/3  2/3  2/3  2/3   1      (bona fide passed, of 3)
+    #   FAR   :  1    2/3  2/3  2/3  1/3   0    0      (spoof not yet passed, of 3)
+    # FRR = FAR = 2/3 at the 2b point: EER 2/3 at threshold 2. (Trying only whole thresholds, t = 1
+    # gives 1/3 and 2/3, t = 2 gives 2/3 and 0: no threshold equalises them.)
+    eer, threshold = vit_lib.equal_error_rate([1, 2, 3], [0, 2, 2])
+    assert eer == pytest.approx(2 / 3, abs=1e-15) and threshold == 2.0
+
+
+def test_eer_on_a_small_list_with_ties_in_both_classes_is_its_golden_value():
+    # Bona fide [.9 .8 .8 .7 .4 .4] (6), spoof [.8 .5 .4 .3 .1] (5); sorted, bona fide first in ties:
+    #   point : start .1s  .3s  .4b  .4b  .4s  .5s  .7b  .8b  .8b  .8s  .9b
+    #   FRR*6 :  0     0    0    1    2    2    2    3    4    5    5    6
+    #   FAR*5 :  5     4    3    3    3    2    1    1    1    1    0    0
+    # |FRR - FAR| is smallest (|1/3 - 2/5| = 1/15) at the .4s point: EER = (1/3 + 2/5) / 2 = 11/30.
+    eer, threshold = vit_lib.equal_error_rate([0.9, 0.8, 0.8, 0.7, 0.4, 0.4], [0.8, 0.5, 0.4, 0.3, 0.1])
+    assert eer == pytest.approx(11 / 30, abs=1e-15) and threshold == 0.4
+
+
+def test_eer_of_identical_lists_of_even_length_is_one_half():
+    # Both [1, 2, 3, 4]: after each pair (b then s) of equal scores FRR = k/4 and FAR = (4 - k)/4,
+    # equal at k = 2; the bona fide-only points in between differ by 1/4. EER 0.5 at threshold 2.
+    assert vit_lib.equal_error_rate([1, 2, 3, 4], [1, 2, 3, 4]) == (0.5, 2.0)
+    scores = np.random.default_rng(7).normal(size=50)
+    assert vit_lib.equal_error_rate(scores, scores)[0] == 0.5
+
+
+def test_eer_is_unchanged_by_strictly_increasing_transforms_of_the_scores():
+    rng = np.random.default_rng(11)
+    bona, spoof = rng.integers(-3, 5, size=40).astype(float), rng.integers(-5, 3, size=30).astype(float)
+    eer = vit_lib.equal_error_rate(bona, spoof)[0]
+    for transform in (np.exp, lambda x: 3 * x - 7, lambda x: x ** 3, np.arctan):
+        assert vit_lib.equal_error_rate(transform(bona), transform(spoof))[0] == eer
+
+
+def eer_by_trying_every_threshold(bonafide, spoof):
+    """The EER from its definition, for scores without ties: a trial is rejected when its score is
+    <= t; t runs from below every score up through each score in turn; at the first t where
+    |miss rate - false alarm rate| is smallest the EER is the mean of the two."""
+    bonafide, spoof = np.asarray(bonafide), np.asarray(spoof)
+    candidates = np.sort(np.concatenate([bonafide, spoof]))
+    best_gap, best_eer = np.inf, None
+    for t in np.r_[candidates[0] - 1, candidates]:
+        miss, false_alarm = np.mean(bonafide <= t), np.mean(spoof > t)
+        if abs(miss - false_alarm) < best_gap:
+            best_gap, best_eer = abs(miss - false_alarm), (miss + false_alarm) / 2
+    return best_eer
+
+
+def test_eer_equals_a_threshold_search_on_random_untied_scores():
+    rng = np.random.default_rng(2019)
     for _ in range(200):
         n_bona, n_spoof = rng.integers(1, 51, size=2)
-        if ties:
-            bona = rng.integers(-3, 4, size=n_bona).astype(float)
-            spoof = rng.integers(-4, 3, size=n_spoof).astype(float)
-        else:
-            bona = rng.normal(0.5, 1.0, size=n_bona)
-            spoof = rng.normal(-0.5, 1.0, size=n_spoof)
-        expected_eer, expected_threshold = compute_eer(bona, spoof)
-        eer, threshold = vit_lib.equal_error_rate(bona, spoof)
-        assert eer == expected_eer
-        assert threshold == expected_threshold
-        for ours, official in zip(vit_lib.det_curve(bona, spoof), compute_det_curve(bona, spoof)):
-            np.testing.assert_array_equal(ours, official)
+        bona, spoof = rng.normal(0.5, 1.0, size=n_bona), rng.normal(-0.5, 1.0, size=n_spoof)
+        assert len(np.unique(np.r_[bona, spoof])) == n_bona + n_spoof
+        expected = eer_by_trying_every_threshold(bona, spoof)
+        assert vit_lib.equal_error_rate(bona, spoof)[0] == pytest.approx(expected, abs=1e-12)
         # the same through the label interface (0 bona fide, 1 spoof)
         labels = np.r_[np.zeros(n_bona, int), np.ones(n_spoof, int)]
-        assert vit_lib.eer_from_labels(labels, np.r_[bona, spoof])[0] == expected_eer
+        assert vit_lib.eer_from_labels(labels, np.r_[bona, spoof])[0] == pytest.approx(expected, abs=1e-12)
 
 
 def test_eer_accepts_lists_and_int_arrays_like_float_arrays():
@@ -417,7 +433,9 @@ def test_per_attack_eer_has_a_row_per_attack_and_pooled():
     assert table.loc["A01", "eer"] == vit_lib.equal_error_rate(bona, [0.0, 1.5])[0]
     assert table.loc["A02", "eer"] == vit_lib.equal_error_rate(bona, [2.5, 3.5, -1.0])[0]
     assert table.loc["pooled", "eer"] == vit_lib.equal_error_rate(bona, [0.0, 1.5, 2.5, 3.5, -1.0])[0]
-    assert table.loc["A01", "eer"] == compute_eer(np.array(bona), np.array([0.0, 1.5]))[0]
+    # A01 by hand: sorted 0s 1b 1.5s 2b 3b 4b gives (FRR, FAR) (0, 1) (0, .5) (.25, .5) (.25, 0) ...;
+    # the first smallest gap, .25, is at the 1b point: EER (.25 + .5) / 2
+    assert table.loc["A01", "eer"] == 0.375
 
 
 def test_score_file_round_trip(tmp_path):
@@ -468,9 +486,9 @@ def test_shortcut_audit_finds_duration_that_separates_classes():
     table = vit_lib.shortcut_audit(shortcut_files(rng, 60, True), shortcut_files(rng, 40, True))
     eer = table.set_index("feature")["test_eer"]
     assert list(eer.index) == ["clip duration (s)", "looped/padded share of segments", "leading silence (s)",
-                               "loudness before normalisation (LUFS)", "all four together"]
+                               "loudness before normalisation (LUFS)", "all trivial features together"]
     assert eer["clip duration (s)"] == pytest.approx(0.0, abs=0.02)
-    assert eer["all four together"] < 0.1
+    assert eer["all trivial features together"] < 0.1
     for feature in ("looped/padded share of segments", "leading silence (s)", "loudness before normalisation (LUFS)"):
         assert eer[feature] > 0.3
 

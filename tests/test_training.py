@@ -254,7 +254,7 @@ def test_load_model_rebuilds_the_trained_model_in_eval_mode(trained):
 
 def test_score_audio_file_gives_timeline_and_verdict(prepared, trained):
     clip = prepared.corpus / "real" / "spk01_real_0.wav"
-    timeline, verdict = vit_lib.score_audio_file(clip, trained.model, vit_lib.ALL_MODEL_CONFIGS[DATASET])
+    timeline, verdict = vit_lib.score_audio_file(clip, trained.model, trained.checkpoint)
     duration = sf.info(clip).duration
     expected_segments = 1 if duration < 8 else len(range(0, int((duration - 8) // 4) + 1)) + \
         (1 if (duration - 8) % 4 > 1e-3 else 0)
@@ -263,7 +263,7 @@ def test_score_audio_file_gives_timeline_and_verdict(prepared, trained):
     assert timeline["p_fake"].between(0, 1).all()
     assert (timeline["end_s"] > timeline["start_s"]).all()
     assert verdict["verdict"] in ("real", "fake")
-    assert verdict["verdict"] == ("fake" if verdict["p_fake"] > 0.5 else "real")
+    assert verdict["verdict"] == ("fake" if verdict["score"] <= verdict["threshold"] else "real")
     assert verdict["score"] == pytest.approx(timeline["score"].mean())
     assert verdict["duration_s"] == pytest.approx(duration, abs=1e-3)
 
@@ -274,7 +274,7 @@ def test_long_file_is_scored_in_8s_windows_with_half_overlap(prepared, trained, 
     clips = [vit_lib.load_audio(path) for path in sorted((prepared.corpus / "real").glob("spk0[1-3]_*.wav"))]
     audio = np.resize(np.concatenate(clips), seconds * sr)
     path = write_wav(tmp_path / f"long_{seconds}.wav", 0.5 * audio / np.abs(audio).max())
-    timeline, verdict = vit_lib.score_audio_file(path, trained.model, vit_lib.ALL_MODEL_CONFIGS[DATASET])
+    timeline, verdict = vit_lib.score_audio_file(path, trained.model, trained.checkpoint)
     assert len(timeline) == verdict["segments"] == len(starts)   # 60 s: (60 - 8) / 4 + 1 = 14
     np.testing.assert_allclose(timeline["start_s"], starts)
     np.testing.assert_allclose(timeline["end_s"], np.array(starts) + 8.0)
@@ -283,20 +283,19 @@ def test_long_file_is_scored_in_8s_windows_with_half_overlap(prepared, trained, 
 
 
 def test_undecodable_and_too_short_files_raise_audio_error(trained, tmp_path):
-    model_config = vit_lib.ALL_MODEL_CONFIGS[DATASET]
     text = tmp_path / "not_audio.wav"
     text.write_bytes(b"this is not audio\n")
     with pytest.raises(vit_lib.AudioError, match="cannot decode"):
-        vit_lib.score_audio_file(text, trained.model, model_config)
+        vit_lib.score_audio_file(text, trained.model, trained.checkpoint)
     short = write_wav(tmp_path / "short.wav", 0.1 * np.random.default_rng(0).standard_normal(800))  # 0.05 s
     with pytest.raises(vit_lib.AudioError, match="too short"):
-        vit_lib.score_audio_file(short, trained.model, model_config)
+        vit_lib.score_audio_file(short, trained.model, trained.checkpoint)
 
 
 def test_score_audio_file_rejects_model_config_of_other_width(trained, prepared):
+    other_width = {**trained.checkpoint, "model_config": vit_lib.ALL_MODEL_CONFIGS["vit_performance_dataset"].as_dict()}
     with pytest.raises(ValueError, match="model expects 256 frames"):
-        vit_lib.score_audio_file(prepared.corpus / "real" / "spk01_real_0.wav", trained.model,
-                                 vit_lib.ALL_MODEL_CONFIGS["vit_performance_dataset"])
+        vit_lib.score_audio_file(prepared.corpus / "real" / "spk01_real_0.wav", trained.model, other_width)
 
 
 def test_check_checkpoint_compatible_names_the_mismatch(trained):
@@ -338,8 +337,7 @@ def test_score_cli_writes_one_line_per_decodable_file_and_lists_the_rest(prepare
         _, score = line.split()
         assert np.isfinite(float(score))
     # the same numbers as scoring the files one by one
-    _, verdict = vit_lib.score_audio_file(folder / "spk01_real_0.wav", trained.model,
-                                          vit_lib.ALL_MODEL_CONFIGS[DATASET])
+    _, verdict = vit_lib.score_audio_file(folder / "spk01_real_0.wav", trained.model, trained.checkpoint)
     assert f"spk01_real_0 {verdict['score']:.6f}" in lines
     printed = capsys.readouterr().out
     assert "Scored 3 file(s)" in printed and "2 could not be scored" in printed

@@ -1,0 +1,709 @@
+"""Offline demo corpus: recorded speech against synthetic speech, from Debian packages only.
+
+Real: the voice prompts of Asterisk's wideband core-sound packages (`asterisk-core-sounds-LANG-g722`,
+G.722 at 16 kHz), with the transcripts shipped in `asterisk-core-sounds-LANG`; one speaker per
+recorded person. Fake: espeak-ng and flite reading those transcripts, and vocoded copies of the real
+clips (Griffin-Lim from a mel spectrogram, and an LPC source-filter vocoder) that keep their source's
+speaker, so a speaker-disjoint split keeps a clip and its copies together.
+
+Every file, of either class, leaves through the same steps: silence trimmed, padding and level drawn
+from one distribution, one G.722 encode/decode at 64 kbit/s, 16 kHz mono 16-bit WAV. So band, codec,
+level and leading silence say nothing about the class.
+
+Writes the In-the-Wild layout: meta.csv (file,speaker,label plus attack, the kind of fake, and split,
+a speaker-disjoint train/val/test split), sources.csv (where each file comes from), licences/ (the
+packages' copyright files) and checksums.sha256. Deterministic: a rebuild gives the same checksums.
+Resumable: finished files are kept. Packages are fetched with `apt-get download` into a cache folder,
+checked against the SHA256 in apt's package lists and unpacked there; nothing is installed.
+
+    python demo_corpus.py --out data/demo_corpus
+"""
+import argparse
+import contextlib
+import dataclasses
+import fnmatch
+import gzip
+import hashlib
+import io
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pandas as pd
+import scipy.signal
+import soundfile as sf
+import soxr
+
+from vit_lib import (SPLITS, AudioError, assign_splits, atomic_write, check_split_leaks, loudness_normalize,
+                     read_corpus, save_csv_atomic)
+
+SR = 16000
+G722_BITRATE = 64000
+SOUND_LANGUAGES = ("en", "es", "fr", "it", "ru")
+# espeak-ng voices per sound-package language; each voice+variant is one fake speaker.
+ESPEAK_VOICES = {"en": ("en-us+m3", "en-gb+f2", "en-us+f4"),
+                 "es": ("es-419+m3", "es+f2", "es-419+f4"),
+                 "fr": ("fr-fr+m3", "fr-be+f2", "fr-fr+f4"),
+                 "it": ("it+m3", "it+f2", "it+f4"),
+                 "ru": ("ru+m3", "ru+f2", "ru+f4")}
+# flite has four 16 kHz voices (its `kal` is 8 kHz: left out, so that no fake speaker is recognisable by
+# its band alone); each also speaks slower, as espeak-ng's variants do, so that flite has as many
+# speakers to spread over the splits as the vocoders have.
+FLITE_VOICES = {f"{voice}{variant}": (voice, *settings) for voice in ("slt", "rms", "awb", "kal16")
+                for variant, settings in (("", ()), ("+slow", ("--setf", "duration_stretch=1.2")))}
+ENGINE_PACKAGES = {"espeak-ng": ("espeak-ng", "libespeak-ng1", "espeak-ng-data"), "flite": ("flite", "libflite1")}
+
+CLIPS_PER_FOLDER = 100        # real prompts per recorded voice folder (about 1.4 h of audio in all)
+MIN_SPEECH_SECONDS = 0.8      # shorter prompts (single letters, digits) are dropped
+TRIM_TOP_DB = 35
+PAD_SECONDS = (0.05, 0.4)     # silence before and after the speech, drawn per file
+LEVEL_LUFS = (-32.0, -24.0)   # loudness, drawn per file from the same range for both classes
+HIGH_PASS_HZ = 60             # below the voice; removes the DC a pulse-train vocoder or an engine leaves
+REAL_KIND = "bona-fide"
+BONAFIDE_ATTACK = "-"
+VOCODERS = ("vocoder_griffinlim", "vocoder_lpc")
+META_COLUMNS = ["file", "speaker", "label", "attack", "split"]
+HELD_OUT_SHARE = 0.15         # of each group's speakers, for val and for test (at least one each)
+SOURCE_COLUMNS = ["file", "kind", "speaker", "language", "prompt", "transcript", "source_file",
+                  "package", "package_version", "licence", "engine", "voice", "engine_package",
+                  "engine_version", "engine_licence", "original_sample_rate"]
+
+
+class CorpusBuildError(Exception):
+    """A package, engine or input the builder needs is missing or broken."""
+
+
+def install_hint(package):
+    return (f"The builder fetches it with `apt-get download {package}` (Debian or Ubuntu, nothing is "
+            f"installed): run `sudo apt-get update` first, and check it with `apt-cache policy {package}`.")
+
+
+# ---------------------------------------------------------------- Debian packages
+@dataclasses.dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    licence: str
+
+
+def run_apt(args, cwd=None):
+    """One apt command; returns its stdout. Kept apart so tests can stand in for apt."""
+    try:
+        done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise CorpusBuildError(f"`{args[0]}` not found: this builder needs Debian's apt. "
+                               + install_hint(args[-1].split("=")[0])) from None
+    if done.returncode != 0:
+        raise CorpusBuildError(f"`{' '.join(args)}` failed: {done.stderr.strip()[-500:]}. "
+                               + install_hint(args[-1].split("=")[0]))
+    return done.stdout
+
+
+def apt_record(package):
+    """Version, SHA256 and Filename of the candidate version, as apt's package lists give them."""
+    text = run_apt(["apt-cache", "show", "--no-all-versions", package])
+    record = dict(re.findall(r"^(Version|SHA256|Filename): (\S+)$", text, flags=re.M))
+    if not {"Version", "SHA256", "Filename"} <= record.keys():
+        raise CorpusBuildError(f"Debian package {package!r} is not in apt's package lists. " + install_hint(package))
+    return record
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_deb(package, cache_dir, attempts=2):
+    """The package's .deb in cache_dir, verified against apt's SHA256; a corrupt copy is fetched again,
+    and refused when it stays corrupt. Returns (path, version)."""
+    record = apt_record(package)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / Path(record["Filename"]).name
+    for _ in range(attempts):
+        if path.is_file() and sha256_of(path) == record["SHA256"]:
+            return path, record["Version"]
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            run_apt(["apt-get", "download", f"{package}={record['Version']}"], cwd=tmp)
+            downloaded = sorted(Path(tmp).glob("*.deb"))
+            if not downloaded:
+                raise CorpusBuildError(f"`apt-get download {package}` wrote no .deb file. " + install_hint(package))
+            os.replace(downloaded[0], path)
+    got = sha256_of(path)
+    path.unlink()
+    raise CorpusBuildError(f"Corrupt download of Debian package {package!r}: SHA256 {got} but apt's lists say "
+                           f"{record['SHA256']} ({attempts} tries). " + install_hint(package))
+
+
+def unpack_deb(deb, into):
+    """`dpkg-deb -x` into a fresh folder, renamed into place when complete (a rerun reuses it)."""
+    into = Path(into)
+    if into.is_dir():
+        return into
+    if shutil.which("dpkg-deb") is None:
+        raise CorpusBuildError(f"`dpkg-deb` not found, needed to unpack {Path(deb).name}: "
+                               "install it with `sudo apt-get install dpkg`.")
+    into.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=into.parent, prefix=f".{into.name}."))
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
+    os.replace(tmp, into)
+    return into
+
+
+def fetch_package(package, cache_dir):
+    """Download, verify and unpack one package; returns (unpacked folder, version)."""
+    deb, version = fetch_deb(package, Path(cache_dir) / "debs")
+    return unpack_deb(deb, Path(cache_dir) / "unpacked" / f"{package}_{version}"), version
+
+
+def licence_from_copyright(text, path_in_source="*"):
+    """The License of the last machine-readable copyright stanza whose Files pattern matches; None when
+    the file is free-form text."""
+    licence = None
+    for stanza in re.split(r"\n\s*\n", text):
+        files = re.search(r"^Files:\s*(.+)$", stanza, flags=re.M)
+        names = re.search(r"^License:\s*(\S.*)$", stanza, flags=re.M)
+        if files and names and any(fnmatch.fnmatch(path_in_source, p) for p in files.group(1).split()):
+            licence = names.group(1).strip()
+    return licence
+
+
+def copy_licence(unpacked, package, out_dir, path_in_source="*"):
+    """Keep the package's copyright file in the corpus; return its licence name, or where to read it."""
+    copyright_file = Path(unpacked) / "usr/share/doc" / package / "copyright"
+    if not copyright_file.is_file():
+        return "unknown (no copyright file in the package)"
+    text = copyright_file.read_text(errors="replace")
+    kept = Path("licences") / f"{package}.copyright"
+    with atomic_write(Path(out_dir) / kept, "w") as handle:
+        handle.write(text)
+    return licence_from_copyright(text, path_in_source) or f"see {kept.as_posix()}"
+
+
+# ---------------------------------------------------------------- real prompts
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    speaker: str
+    language: str
+    name: str          # e.g. "agent-pass" or "digits/20"
+    path: str          # the .g722 recording
+    member: str        # the recording's path below usr/share/asterisk/sounds/ in its package
+    transcript: str
+    package: Package
+    english: str = ""  # the English package's transcript of the same prompt name, for English-only engines
+
+
+def read_transcripts(path):
+    """`name: text` lines (`;` starts a comment). Parts in [], () or <> describe sounds, not words; a
+    prompt with nothing else (a beep, a tone, silence) maps to an empty text."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8-sig") as handle:
+        lines = handle.read().splitlines()
+    transcripts = {}
+    for line in lines:
+        name, sep, text = line.partition(":")
+        if not sep or line.startswith(";") or " " in name.strip():
+            continue
+        words = re.sub(r"\s+", " ", re.sub(r"\[[^\]]*\]|\([^)]*\)|<[^>]*>", " ", text)).strip()
+        transcripts[name.strip()] = words if re.search(r"\w", words) else ""
+    return transcripts
+
+
+def speaker_of_folder(folder):
+    """`en_US_f_Allison` -> `asterisk:Allison`: the recorded person, whatever the language, so one person
+    speaking two languages stays one speaker."""
+    return f"asterisk:{folder.rsplit('_', 1)[-1]}"
+
+
+def prompts_in_package(sounds_root, transcripts, language, package, non_speech, english=None):
+    """Every transcribed speech recording under usr/share/asterisk/sounds/<voice folder>/, leaving out
+    the prompt names in `non_speech`; returns (prompts, {reason: number skipped})."""
+    prompts, skipped = [], {"no transcript": 0, "not speech": 0}
+    for folder in sorted(p for p in Path(sounds_root).iterdir() if p.is_dir()):
+        for path in sorted(folder.rglob("*.g722")):
+            name = path.relative_to(folder).with_suffix("").as_posix()
+            if name in non_speech:
+                skipped["not speech"] += 1
+            elif name not in transcripts:
+                skipped["no transcript"] += 1
+            else:
+                member = path.relative_to(folder.parent).as_posix()
+                prompts.append(Prompt(speaker_of_folder(folder.name), language, name, str(path), member,
+                                      transcripts[name], package, (english or {}).get(name, "")))
+    return prompts, skipped
+
+
+def fetch_real_prompts(cache_dir, out_dir, languages=SOUND_LANGUAGES):
+    """Download the wideband sound packages and their transcripts; returns (prompts, notes). A prompt
+    name that is a sound description in any language (the same names recur across languages) is left
+    out in all of them."""
+    unpacked, transcripts = {}, {}
+    for language in languages:
+        unpacked[language] = fetch_package(f"asterisk-core-sounds-{language}-g722", cache_dir)
+        docs, _ = fetch_package(f"asterisk-core-sounds-{language}", cache_dir)
+        transcript_file = docs / f"usr/share/doc/asterisk-core-sounds-{language}/core-sounds-{language}.txt.gz"
+        if not transcript_file.is_file():
+            raise CorpusBuildError(f"Transcript file missing from asterisk-core-sounds-{language}: {transcript_file}")
+        transcripts[language] = read_transcripts(transcript_file)
+    non_speech = {name for texts in transcripts.values() for name, text in texts.items() if not text}
+    prompts, notes = [], []
+    for language, (sounds, version) in unpacked.items():
+        name = f"asterisk-core-sounds-{language}-g722"
+        package = Package(name, version, copy_licence(sounds, name, out_dir, f"{language}-"))
+        found, skipped = prompts_in_package(sounds / "usr/share/asterisk/sounds", transcripts[language],
+                                            language, package, non_speech, transcripts.get("en"))
+        prompts += found
+        notes.append(f"{name} {version}: {len(found)} speech prompts; skipped: "
+                     + ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
+    return prompts, notes
+
+
+# ---------------------------------------------------------------- audio
+def decode_g722(path):
+    """A .g722 file (raw G.722 at 64 kbit/s) -> float32 samples at 16 kHz."""
+    import G722
+    data = Path(path).read_bytes()
+    if not data:
+        raise CorpusBuildError(f"{path}: empty G.722 file")
+    return np.asarray(G722.G722(SR, G722_BITRATE).decode(data), dtype=np.float32) / 32768.0
+
+
+def encode_g722(audio):
+    """Float samples at 16 kHz -> G.722 bytes at 64 kbit/s."""
+    import G722
+    pcm = (np.clip(audio, -1.0, 32767 / 32768) * 32768.0).astype(np.int16)
+    return G722.G722(SR, G722_BITRATE).encode(pcm)
+
+
+def g722_round_trip(audio):
+    """Encode and decode once with G.722, the codec of the real recordings."""
+    import G722
+    return np.asarray(G722.G722(SR, G722_BITRATE).decode(encode_g722(audio)), dtype=np.int16)
+
+
+def trimmed_speech(audio):
+    """The audio between the first and the last sound within TRIM_TOP_DB of its peak."""
+    _, (start, end) = librosa.effects.trim(audio, top_db=TRIM_TOP_DB)
+    return audio[start:end]
+
+
+def finish_clip(audio, seed):
+    """The same last steps for every file: trim, high-pass, pad with silence, set the level, pass
+    through G.722. Returns int16 samples at 16 kHz."""
+    rng = np.random.default_rng(seed)
+    speech = trimmed_speech(np.asarray(audio, dtype=np.float32))
+    high_pass = scipy.signal.butter(4, HIGH_PASS_HZ, "highpass", fs=SR, output="sos")
+    speech = scipy.signal.sosfilt(high_pass, speech).astype(np.float32)
+    level = rng.uniform(*LEVEL_LUFS)
+    before, after = (np.zeros(int(rng.uniform(*PAD_SECONDS) * SR), np.float32) for _ in range(2))
+    speech = loudness_normalize(speech, SR, level)[0]
+    return g722_round_trip(np.concatenate([before, speech, after]))
+
+
+def wav_bytes(samples):
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, SR, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
+
+
+def griffin_lim_copy(audio, seed, n_fft=1024, hop=256, n_mels=80, n_iter=32):
+    """Phase thrown away: 80-band mel power spectrogram -> linear magnitude -> Griffin-Lim phase."""
+    mel = librosa.feature.melspectrogram(y=audio, sr=SR, n_fft=n_fft, hop_length=hop, n_mels=n_mels)
+    magnitude = librosa.feature.inverse.mel_to_stft(mel, sr=SR, n_fft=n_fft)
+    return librosa.griffinlim(magnitude, n_iter=n_iter, hop_length=hop, n_fft=n_fft, length=len(audio),
+                              random_state=seed).astype(np.float32)
+
+
+def periodicity(frame, lag):
+    """Normalised autocorrelation of a frame at one lag: near 1 for voiced speech, near 0 for noise."""
+    head, tail = frame[:-lag], frame[lag:]
+    energy = np.sqrt(np.dot(head, head) * np.dot(tail, tail))
+    return float(np.dot(head, tail) / energy) if energy > 0 else 0.0
+
+
+def lpc_copy(audio, seed, order=18, frame_length=512, hop=128, voiced_threshold=0.5):
+    """Source-filter resynthesis: per frame an all-pole filter (LPC) driven by a pulse train at the
+    yin pitch when the frame is periodic, by white noise when not; windowed overlap-add."""
+    rng = np.random.default_rng(seed)
+    window = scipy.signal.get_window("hann", frame_length)
+    padded = np.pad(audio, frame_length // 2)
+    frames = librosa.util.frame(padded, frame_length=frame_length, hop_length=hop)
+    f0 = librosa.yin(audio, fmin=60, fmax=400, sr=SR, frame_length=1024, hop_length=hop)
+    n_frames = min(frames.shape[1], len(f0))
+    centres = np.arange(n_frames) * hop + frame_length // 2
+    f0_per_sample = np.interp(np.arange(len(padded)), centres, f0[:n_frames])
+    phase = np.cumsum(f0_per_sample / SR)
+    pulses = np.diff(np.floor(phase), prepend=0.0) * np.sqrt(SR / f0_per_sample)  # unit power
+    noise = rng.standard_normal(len(padded))
+    out = np.zeros(len(padded))
+    for i in range(n_frames):
+        segment = frames[:, i] * window
+        if np.dot(segment, segment) < 1e-10:
+            continue
+        coefficients = librosa.lpc(segment.astype(np.float64), order=order)
+        residual_power = np.mean(scipy.signal.lfilter(coefficients, [1.0], segment) ** 2) / np.mean(window ** 2)
+        voiced = periodicity(segment, int(round(SR / f0[i]))) > voiced_threshold
+        start = i * hop
+        excitation = (pulses if voiced else noise)[start:start + frame_length]
+        out[start:start + frame_length] += window * scipy.signal.lfilter(
+            [np.sqrt(residual_power)], coefficients, excitation)
+    out /= np.sum(window ** 2) / hop  # overlap-add gain of the squared window
+    return out[frame_length // 2:frame_length // 2 + len(audio)].astype(np.float32)
+
+
+VOCODER_FUNCTIONS = {"vocoder_griffinlim": griffin_lim_copy, "vocoder_lpc": lpc_copy}
+
+
+# ---------------------------------------------------------------- speech synthesisers
+@dataclasses.dataclass(frozen=True)
+class CommandVoice:
+    """A voice of a command-line synthesiser; `{text}` and `{wav}` in argv name a text file to read
+    and a WAV file to write."""
+    engine: str
+    name: str
+    language: str
+    package: Package
+    argv: tuple
+    env: tuple = ()
+
+    @property
+    def speaker(self):
+        return f"{self.engine}:{self.name}"
+
+    def synthesize(self, text):
+        """Returns (float32 samples, sample rate)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            text_file, wav_file = Path(tmp) / "text.txt", Path(tmp) / "speech.wav"
+            text_file.write_text(text + "\n")
+            argv = [a.replace("{text}", str(text_file)).replace("{wav}", str(wav_file)) for a in self.argv]
+            done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **dict(self.env)})
+            if done.returncode != 0 or not wav_file.is_file():
+                raise CorpusBuildError(f"{self.engine} voice {self.name!r} failed on {text!r}: "
+                                       f"{done.stderr.strip()[-300:]}")
+            audio, sr = sf.read(wav_file, dtype="float32")
+        return audio, sr
+
+
+def library_path(folders):
+    """LD_LIBRARY_PATH for binaries unpacked from .debs: every folder holding a shared library."""
+    found = sorted({str(so.parent) for folder in folders for so in Path(folder).glob("usr/lib/**/*.so*")})
+    return ":".join(found + [os.environ.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+
+
+def engine_voices(engine, folders, package):
+    """CommandVoice objects for one engine unpacked into `folders` (all its packages and libraries)."""
+    env = (("LD_LIBRARY_PATH", library_path(folders)),)
+    binary = next((str(p) for f in folders for p in Path(f).glob(f"usr/bin/{engine}")), engine)
+    if engine == "espeak-ng":
+        data = next((p.parent for f in folders for p in Path(f).glob("usr/lib/*/espeak-ng-data")), None)
+        base = (binary,) + ((f"--path={data}",) if data else ())
+        return [CommandVoice(engine, voice, language, package, base + ("-v", voice, "-w", "{wav}", "-f", "{text}"), env)
+                for language, voices in ESPEAK_VOICES.items() for voice in voices]
+    return [CommandVoice(engine, name, "en", package, (binary, "-voice", *settings, "-f", "{text}", "-o", "{wav}"), env)
+            for name, settings in FLITE_VOICES.items()]
+
+
+def check_voice(voice):
+    """Fail early, with the package to fetch, when an engine cannot run here."""
+    try:
+        audio, _ = voice.synthesize("Testing one two three.")
+    except (CorpusBuildError, OSError) as error:
+        raise CorpusBuildError(f"{voice.engine} cannot run ({error}). " + install_hint(voice.engine)) from None
+    if len(audio) == 0:
+        raise CorpusBuildError(f"{voice.engine} produced no audio. " + install_hint(voice.engine))
+
+
+def missing_dependencies(packages):
+    """Packages apt would add to install `packages` here: the libraries this machine lacks."""
+    with contextlib.suppress(CorpusBuildError):
+        plan = run_apt(["apt-get", "-s", "-qq", "install", *packages])
+        return re.findall(r"^Inst (\S+)", plan, flags=re.M)
+    return []
+
+
+def fetch_engines(cache_dir, out_dir):
+    """Download and unpack espeak-ng and flite with the libraries missing here; returns their voices."""
+    engine_packages = [p for packages in ENGINE_PACKAGES.values() for p in packages]
+    extra = [p for p in missing_dependencies(list(ENGINE_PACKAGES)) if p not in engine_packages]
+    unpacked = {p: fetch_package(p, cache_dir) for p in engine_packages + extra}
+    libraries = [unpacked[p][0] for p in extra]
+    voices = []
+    for engine, packages in ENGINE_PACKAGES.items():
+        folder, version = unpacked[engine]
+        package = Package(engine, version, copy_licence(folder, engine, out_dir))
+        engine_voices_ = engine_voices(engine, [unpacked[p][0] for p in packages] + libraries, package)
+        check_voice(engine_voices_[0])
+        voices += engine_voices_
+    return voices
+
+
+# ---------------------------------------------------------------- plan
+def stable_hash(*parts):
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:12], 16)
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9-]+", "_", text).strip("_")
+
+
+def select_prompts(prompts, per_folder=CLIPS_PER_FOLDER, min_seconds=MIN_SPEECH_SECONDS):
+    """A deterministic sample of speech prompts per (speaker, language): in hash order, skipping those
+    with less than `min_seconds` of speech. Returns (selected, number too short)."""
+    selected, too_short = [], 0
+    groups = {}
+    for prompt in prompts:
+        groups.setdefault((prompt.speaker, prompt.language), []).append(prompt)
+    for key in sorted(groups):
+        taken = 0
+        for prompt in sorted(groups[key], key=lambda p: stable_hash(p.language, p.name)):
+            if taken == per_folder:
+                break
+            if len(trimmed_speech(decode_g722(prompt.path))) < min_seconds * SR:
+                too_short += 1
+                continue
+            selected.append(prompt)
+            taken += 1
+    return selected, too_short
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """One output file and everything needed to make it."""
+    file: str
+    kind: str
+    prompt: Prompt
+    voice: CommandVoice = None
+
+    @property
+    def speaker(self):
+        return self.voice.speaker if self.voice else self.prompt.speaker
+
+    @property
+    def text(self):
+        """What a synthetic voice reads: the prompt's transcript, or its English one."""
+        if self.voice is None or self.voice.language == self.prompt.language:
+            return self.prompt.transcript
+        return self.prompt.english
+
+    @property
+    def language(self):
+        return self.voice.language if self.voice is not None else self.prompt.language
+
+    @property
+    def seed(self):
+        return stable_hash(self.file) % (2 ** 32)
+
+
+def voices_for(prompt, voices):
+    """{engine: voices that can read this prompt}: an engine's voices in the prompt's language, else
+    its English voices reading the English transcript of the same prompt."""
+    by_engine = {}
+    for voice in voices:
+        by_engine.setdefault(voice.engine, []).append(voice)
+    usable = {}
+    for engine, engine_voices_ in sorted(by_engine.items()):
+        own = [v for v in engine_voices_ if v.language == prompt.language]
+        english = [v for v in engine_voices_ if v.language == "en"] if prompt.english else []
+        if own or english:
+            usable[engine] = own or english
+    return usable
+
+
+def plan_clips(prompts, voices):
+    """Per real prompt: the recording; one synthetic copy, by an engine and voice picked by hash among
+    those that can read it; and, for two prompts in three, one vocoded copy (Griffin-Lim or LPC)."""
+    clips = []
+    for prompt in prompts:
+        stem = f"{prompt.language}-{slug(prompt.name)}"
+        clips.append(Clip(f"wav/real/{stem}.wav", REAL_KIND, prompt))
+        usable = voices_for(prompt, voices)
+        if usable:
+            engine = sorted(usable)[stable_hash("engine", stem) % len(usable)]
+            voice = usable[engine][stable_hash(engine, stem) % len(usable[engine])]
+            kind = f"tts_{engine.split('-')[0]}"
+            clips.append(Clip(f"wav/{kind}/{stem}--{slug(voice.name)}.wav", kind, prompt, voice))
+        choice = stable_hash("vocoder", stem) % 3
+        if choice < len(VOCODERS):
+            clips.append(Clip(f"wav/{VOCODERS[choice]}/{stem}.wav", VOCODERS[choice], prompt))
+    names = [clip.file for clip in clips]
+    if len(set(names)) != len(names):
+        twins = sorted({name for name in names if names.count(name) > 1})
+        raise CorpusBuildError(f"Two recordings map to the same output file, e.g. {twins[0]}: a package "
+                               "with more than one voice folder per language needs its folder in the names")
+    return clips
+
+
+# ---------------------------------------------------------------- build
+def source_audio(clip):
+    """The clip's audio before the common last steps, and the sample rate it was made at."""
+    if clip.voice is not None:
+        audio, sr = clip.voice.synthesize(clip.text)
+        if audio.ndim > 1:
+            audio = audio.mean(axis=1)
+        return (soxr.resample(audio, sr, SR) if sr != SR else audio), sr
+    recording = decode_g722(clip.prompt.path)
+    if clip.kind == REAL_KIND:
+        return recording, SR
+    return VOCODER_FUNCTIONS[clip.kind](trimmed_speech(recording), clip.seed), SR
+
+
+def make_clip(clip, out_dir):
+    """Write one file unless it exists (atomic, so an existing file is complete). Returns (file,
+    outcome): "made", "kept", or why the clip cannot be made (it is then left out of the corpus)."""
+    path = Path(out_dir) / clip.file
+    if path.is_file():
+        return clip.file, "kept"
+    try:
+        audio, _ = source_audio(clip)
+        samples = finish_clip(audio, clip.seed)
+    except (AudioError, CorpusBuildError) as error:
+        return clip.file, str(error)
+    with atomic_write(path) as handle:
+        handle.write(wav_bytes(samples))
+    return clip.file, "made"
+
+
+def _make_clip_job(args):
+    return make_clip(*args)
+
+
+def original_rates(clips):
+    """Sample rate each clip was made at before resampling to 16 kHz: G.722's for recordings and
+    their vocoded copies, the voice's own for synthetic speech (asked once per voice)."""
+    voice_rates = {}
+    for clip in clips:
+        if clip.voice is not None and clip.voice not in voice_rates:
+            voice_rates[clip.voice] = clip.voice.synthesize("Hello.")[1]
+    return {c.file: voice_rates[c.voice] if c.voice is not None else SR for c in clips}
+
+
+def source_row(clip, original_sr):
+    prompt, voice = clip.prompt, clip.voice
+    engine = voice.package if voice else None
+    return dict(file=clip.file, kind=clip.kind, speaker=clip.speaker, language=clip.language,
+                prompt=prompt.name, transcript=clip.text,
+                source_file=prompt.member if voice is None else "",
+                package=prompt.package.name, package_version=prompt.package.version,
+                licence=prompt.package.licence,
+                engine=voice.engine if voice else ("vocoder" if clip.kind in VOCODERS else ""),
+                voice=voice.name if voice else "", engine_package=engine.name if engine else "",
+                engine_version=engine.version if engine else "", engine_licence=engine.licence if engine else "",
+                original_sample_rate=original_sr)
+
+
+def speaker_splits(meta, held_out_share=HELD_OUT_SHARE):
+    """{speaker: split}, speaker-disjoint and stratified: the recorded persons (with the vocoded copies
+    of their clips) form one group, each engine's voices another. In each group the speakers with the
+    fewest files go to test and to val (at least one each, about `held_out_share` of the group's
+    speakers each), the others to train; so every split holds both classes and every kind of fake,
+    which a plain 70/15/15 draw over four recorded persons cannot promise."""
+    real_speakers = set(meta.loc[meta["label"] == "bona-fide", "speaker"])
+    groups = {}
+    for speaker, files in sorted(meta.groupby("speaker")):
+        group = "recorded" if speaker in real_speakers else files["attack"].iloc[0]
+        groups.setdefault(group, []).append((len(files), stable_hash(speaker), speaker))
+    splits = {}
+    for members in groups.values():
+        held = max(1, round(held_out_share * len(members))) if len(members) >= 3 else 0
+        for rank, (_, _, speaker) in enumerate(sorted(members)):
+            splits[speaker] = "test" if rank < held else "val" if rank < 2 * held else "train"
+    return splits
+
+
+def write_tables(clips, out_dir):
+    """meta.csv, sources.csv and checksums.sha256, rows sorted by file so a rebuild is byte-identical."""
+    clips = sorted(clips, key=lambda c: c.file)
+    rates = original_rates(clips)
+    meta = pd.DataFrame([dict(file=c.file, speaker=c.speaker, label="bona-fide" if c.kind == REAL_KIND else "spoof",
+                              attack=BONAFIDE_ATTACK if c.kind == REAL_KIND else c.kind, split=None)
+                         for c in clips],
+                        columns=META_COLUMNS)
+    meta["split"] = meta["speaker"].map(speaker_splits(meta))
+    sources = pd.DataFrame([source_row(c, rates[c.file]) for c in clips], columns=SOURCE_COLUMNS)
+    save_csv_atomic(Path(out_dir) / "meta.csv", meta)
+    save_csv_atomic(Path(out_dir) / "sources.csv", sources)
+    listed = ["meta.csv", "sources.csv"] + [c.file for c in clips]
+    listed += sorted(p.relative_to(out_dir).as_posix() for p in Path(out_dir).glob("licences/*"))
+    with atomic_write(Path(out_dir) / "checksums.sha256", "w") as handle:
+        handle.writelines(f"{sha256_of(Path(out_dir) / name)}  {name}\n" for name in listed)
+    return meta
+
+
+def remove_stale_files(out_dir, planned):
+    """Delete audio an earlier, different plan left behind, so the folder holds exactly the corpus."""
+    stale = [p for p in sorted(Path(out_dir).glob("wav/**/*.wav"))
+             if p.relative_to(out_dir).as_posix() not in planned]
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
+def build_corpus(out_dir, prompts, voices, workers=2, per_folder=CLIPS_PER_FOLDER, log=print):
+    """Make every planned file that is missing (in `workers` processes), then the tables. Returns meta."""
+    out_dir = Path(out_dir)
+    selected, too_short = select_prompts(prompts, per_folder)
+    clips = plan_clips(selected, voices)
+    log(f"{len(selected)} real prompts chosen ({too_short} shorter than {MIN_SPEECH_SECONDS} s skipped), "
+        f"{len(clips)} files planned")
+    jobs = [(clip, out_dir) for clip in clips]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            outcomes = dict(pool.imap_unordered(_make_clip_job, jobs, chunksize=4))
+    else:
+        outcomes = dict(make_clip(*job) for job in jobs)
+    failed = {file: why for file, why in sorted(outcomes.items()) if why not in ("made", "kept")}
+    for file, why in failed.items():
+        log(f"skipped {file}: {why}")
+    stale = remove_stale_files(out_dir, {c.file for c in clips})
+    made = sum(why == "made" for why in outcomes.values())
+    log(f"{made} files made, {len(clips) - made - len(failed)} already there, {len(failed)} skipped, "
+        f"{stale} left from an earlier plan removed")
+    return write_tables([c for c in clips if c.file not in failed], out_dir)
+
+
+def summary(meta, out_dir, seconds):
+    """Files and hours per kind, and files per split and kind as the project reads them."""
+    durations = {f: sf.info(Path(out_dir) / f).duration for f in meta["file"]}
+    table = meta.assign(hours=meta["file"].map(durations) / 3600)
+    per_kind = table.groupby("attack").agg(files=("file", "size"), speakers=("speaker", "nunique"),
+                                           hours=("hours", "sum")).round(3)
+    files = assign_splits(read_corpus("in_the_wild", out_dir)[0])
+    check_split_leaks(files)
+    splits = files.groupby(["split", "attack"]).size().unstack(fill_value=0).reindex(SPLITS)
+    return (f"{per_kind}\n\ntotal {len(meta)} files, {table['hours'].sum():.2f} h, built in {seconds:.0f} s\n\n"
+            f"speaker-disjoint split (files):\n{splits}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="data/demo_corpus", help="corpus folder (default: %(default)s)")
+    parser.add_argument("--cache", default="build/demo_corpus_cache",
+                        help="downloaded and unpacked packages (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out)
+    cache_dir = Path(args.cache)
+    started = time.time()
+    try:
+        prompts, notes = fetch_real_prompts(cache_dir, out_dir)
+        print("\n".join(notes))
+        voices = fetch_engines(cache_dir, out_dir)
+        meta = build_corpus(out_dir, prompts, voices, workers=args.workers)
+    except CorpusBuildError as error:
+        sys.exit(f"demo corpus: {error}")
+    print(summary(meta, out_dir, time.time() - started))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The offline demo corpus builder on locally made stand-ins: a stand-in sound package of synthetic
+G.722 recordings with transcripts, stand-in speech engines, and a stand-in apt. No network."""
+import dataclasses
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+import demo_corpus as dc
+import vit_lib
+
+TTS_RATE = 22050
+SOUND_PACKAGE = dc.Package("asterisk-core-sounds-xx-g722", "0.1", "CC0-1.0")
+TRANSCRIPTS = {"en": "welcome: Welcome to the demo.\npress-one: Press one for sales.\n"
+                     "goodbye: Goodbye, and thank you.\none-moment: One moment please.\n"
+                     "main-menu: Main menu.\nbeep: [a simple beep tone]\nok: Okay.\n",
+               "fr": "welcome: Bienvenue dans la démo.\npress-one: Appuyez sur un pour les ventes.\n"
+                     "goodbye: Au revoir, et merci.\none-moment: Un instant s'il vous plaît.\n"
+                     "main-menu: Menu principal.\nbeep: (bip)\nok: D'accord.\n",
+               "es": "welcome: Bienvenido a la demo.\npress-one: Oprima uno para ventas.\n"
+                     "goodbye: Adiós, y gracias.\none-moment: Un momento por favor.\n"
+                     "main-menu: Menú principal.\nbeep: [tono]\nok: Bueno.\n"}
+# One recorded person per package, as in the Debian packages: three real speakers.
+FOLDERS = {"en": "en_US_f_Alice", "fr": "fr_CA_f_Berthe", "es": "es_MX_m_Carl"}
+
+
+def utterance(seconds, f0, sr, seed=0):
+    """A voiced, syllable-like harmonic signal with a little noise."""
+    t = np.arange(int(seconds * sr)) / sr
+    harmonics = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 8))
+    envelope = 0.5 * (1 - np.cos(2 * np.pi * 3 * t / seconds))
+    noise = np.random.default_rng(seed).standard_normal(len(t))
+    return (0.2 * harmonics * envelope + 0.005 * noise).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInVoice:
+    """Speaks any text as a harmonic signal whose length follows the text; picklable for the pool."""
+    engine: str
+    name: str
+    language: str
+    package: dc.Package = dc.Package("stand-in-engine", "1.0", "test-only")
+    silent: bool = False
+
+    @property
+    def speaker(self):
+        return f"{self.engine}:{self.name}"
+
+    def synthesize(self, text):
+        audio = utterance(0.6 + 0.04 * len(text), 90 + 10 * len(self.name), TTS_RATE)
+        return (audio * 0 if self.silent else audio), TTS_RATE
+
+
+VOICES = [StandInVoice("espeak-ng", "en-us", "en"), StandInVoice("espeak-ng", "es-419", "es"),
+          StandInVoice("espeak-ng", "fr-fr", "fr"), StandInVoice("flite", "slt", "en"),
+          StandInVoice("flite", "rms", "en"), StandInVoice("flite", "awb", "en")]
+
+
+def make_sound_package(root):
+    """G.722 recordings and transcripts laid out as the Debian packages lay them out; returns prompts."""
+    prompts = []
+    transcripts = {lang: dc.read_transcripts(_write(root / f"{lang}.txt", text)) for lang, text in TRANSCRIPTS.items()}
+    non_speech = {name for texts in transcripts.values() for name, text in texts.items() if not text}
+    for person, (lang, folder) in enumerate(FOLDERS.items()):
+        sounds = root / lang / "usr/share/asterisk/sounds"
+        for number, name in enumerate(transcripts[lang]):
+            seconds = 0.3 if name == "ok" else 0.9 + 0.05 * number
+            audio = utterance(seconds, 120 + 40 * person, dc.SR, seed=number)
+            path = sounds / folder / f"{name}.g722"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(dc.encode_g722(audio))
+        found, _ = dc.prompts_in_package(sounds, transcripts[lang], lang, SOUND_PACKAGE, non_speech,
+                                         transcripts["en"])
+        prompts += found
+    return prompts
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return make_sound_package(tmp_path_factory.mktemp("packages"))
+
+
+@pytest.fixture(scope="module")
+def corpus(prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    dc.build_corpus(out, prompts, VOICES, workers=1, log=lambda line: None)
+    return out
+
+
+def test_transcripts_keep_words_and_mark_sound_descriptions_as_not_speech(tmp_path):
+    path = _write(tmp_path / "t.txt", "; comment\nbeep: [tone]\nfor: Pour (emphase)\nwelcome: Welcome!\n")
+    assert dc.read_transcripts(path) == {"beep": "", "for": "Pour", "welcome": "Welcome!"}
+
+
+def test_non_speech_and_too_short_prompts_are_left_out(prompts):
+    assert "beep" not in {p.name for p in prompts}
+    selected, too_short = dc.select_prompts(prompts)
+    assert too_short == 3 and "ok" not in {p.name for p in selected}
+
+
+def test_corpus_has_in_the_wild_layout_with_every_kind(corpus):
+    meta = pd.read_csv(corpus / "meta.csv")
+    sources = pd.read_csv(corpus / "sources.csv", dtype={"package_version": str})
+    assert list(meta.columns) == dc.META_COLUMNS and list(sources.columns) == dc.SOURCE_COLUMNS
+    assert set(meta["label"]) == {"bona-fide", "spoof"}
+    assert set(meta["attack"]) == {"-", "tts_espeak", "tts_flite", "vocoder_griffinlim", "vocoder_lpc"}
+    assert (meta["attack"] == "-").eq(meta["label"] == "bona-fide").all()
+    for file in meta["file"]:
+        info = sf.info(corpus / file)
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+    rates = sources.set_index("kind")["original_sample_rate"]
+    assert set(rates["tts_espeak"]) == {TTS_RATE} and set(rates["bona-fide"]) == {16000}
+    assert (sources["package_version"] == "0.1").all() and sources["transcript"].str.len().gt(0).all()
+
+
+def test_copies_keep_their_source_speaker_and_voices_are_their_own_speakers(corpus):
+    sources = pd.read_csv(corpus / "sources.csv", keep_default_na=False)
+    real = sources[sources["kind"] == "bona-fide"].set_index(["language", "prompt", "package"])["speaker"]
+    for row in sources[sources["kind"].str.startswith("vocoder")].itertuples():
+        assert row.speaker == real[(row.language, row.prompt, row.package)]
+    tts = sources[sources["kind"].str.startswith("tts")]
+    assert (tts["speaker"] == tts["engine"] + ":" + tts["voice"]).all()
+
+
+def test_two_recordings_that_would_share_a_file_name_are_refused(prompts):
+    twin = dataclasses.replace(prompts[0], speaker="asterisk:Someone", path=prompts[1].path)
+    with pytest.raises(dc.CorpusBuildError, match="same output file"):
+        dc.plan_clips([prompts[0], twin], VOICES)
+
+
+def test_flite_reads_the_english_transcript_of_a_prompt_in_another_language(corpus):
+    sources = pd.read_csv(corpus / "sources.csv", keep_default_na=False)
+    english = sources[sources["file"].str.startswith("wav/real/en-")].set_index("prompt")["transcript"]
+    flite_elsewhere = sources[(sources["kind"] == "tts_flite") & ~sources["file"].str.contains("/en-")]
+    assert len(flite_elsewhere) and (flite_elsewhere["language"] == "en").all()
+    assert (flite_elsewhere["transcript"] == flite_elsewhere["prompt"].map(english)).all()
+
+
+def test_shipped_split_is_speaker_disjoint_with_both_classes_and_every_kind_in_each_split(corpus):
+    files, skipped = vit_lib.read_corpus("in_the_wild", corpus)
+    assert not skipped and files["split"].notna().all()
+    vit_lib.check_split_leaks(files)
+    for split, group in files.groupby("split"):
+        assert set(group["label"]) == {0, 1}, split
+        assert group.loc[group["label"] == 0, "speaker"].nunique() == 1, split
+
+
+def test_each_group_of_speakers_sends_its_smallest_to_test_and_val():
+    rows = [("asterisk:A", "bona-fide", "-", 9), ("asterisk:A", "spoof", "vocoder_lpc", 5),
+            ("asterisk:B", "bona-fide", "-", 4), ("asterisk:C", "bona-fide", "-", 6),
+            ("flite:slt", "spoof", "tts_flite", 3), ("flite:rms", "spoof", "tts_flite", 2),
+            ("flite:awb", "spoof", "tts_flite", 4), ("espeak-ng:it", "spoof", "tts_espeak", 5)]
+    meta = pd.DataFrame([dict(speaker=s, label=label, attack=attack) for s, label, attack, n in rows for _ in range(n)])
+    splits = dc.speaker_splits(meta)
+    assert [splits[s] for s in ("asterisk:B", "asterisk:C", "asterisk:A")] == ["test", "val", "train"]
+    assert [splits[s] for s in ("flite:rms", "flite:slt", "flite:awb")] == ["test", "val", "train"]
+    assert splits["espeak-ng:it"] == "train"  # a group of fewer than three cannot be spread
+
+
+def test_rebuild_in_two_processes_gives_identical_checksums(corpus, prompts, tmp_path):
+    dc.build_corpus(tmp_path, prompts, VOICES, workers=2, log=lambda line: None)
+    assert (tmp_path / "checksums.sha256").read_text() == (corpus / "checksums.sha256").read_text()
+    listed = dict(line.split("  ")[::-1] for line in (tmp_path / "checksums.sha256").read_text().splitlines())
+    assert listed["meta.csv"] == hashlib.sha256((tmp_path / "meta.csv").read_bytes()).hexdigest()
+
+
+def test_rerun_makes_only_the_missing_file(corpus, prompts, tmp_path):
+    copy = shutil.copytree(corpus, tmp_path / "corpus")
+    victim = copy / pd.read_csv(copy / "meta.csv")["file"].iloc[-1]
+    victim.unlink()
+    lines = []
+    dc.build_corpus(copy, prompts, VOICES, workers=1, log=lines.append)
+    assert victim.is_file() and any(line.startswith("1 files made") for line in lines), lines
+    assert (copy / "checksums.sha256").read_text() == (corpus / "checksums.sha256").read_text()
+
+
+def test_clip_that_cannot_be_made_is_reported_and_left_out(prompts, tmp_path):
+    voices = [StandInVoice("espeak-ng", "en-us", "en", silent=True), StandInVoice("espeak-ng", "fr-fr", "fr")]
+    lines = []
+    english = [p for p in prompts if p.language == "en"]
+    meta = dc.build_corpus(tmp_path, english, voices, workers=1, log=lines.append)
+    reported = [line for line in lines if line.startswith("skipped wav/tts_espeak/en-")]
+    assert reported and "silent" in reported[0]
+    assert not meta["file"].str.startswith("wav/tts_espeak/en-").any()
+
+
+def test_level_and_leading_silence_are_drawn_alike_for_both_classes(corpus):
+    meta = pd.read_csv(corpus / "meta.csv")
+    for label, group in meta.groupby("label"):
+        for file in group["file"]:
+            audio, sr = sf.read(corpus / file, dtype="float32")
+            loudness = vit_lib.loudness_normalize(audio, sr)[1]
+            leading = np.argmax(np.abs(audio) > 1e-3) / sr
+            assert dc.LEVEL_LUFS[0] - 1 < loudness < dc.LEVEL_LUFS[1] + 1, (label, file, loudness)
+            assert dc.PAD_SECONDS[0] <= leading <= dc.PAD_SECONDS[1] + 0.1, (label, file, leading)
+
+
+def test_every_file_leaves_without_dc_offset():
+    # A pulse-train vocoder leaves a DC offset the recordings lack: a one-number shortcut to the class.
+    audio = utterance(1.0, 150, dc.SR) + 0.2
+    out = dc.finish_clip(audio, seed=3).astype(np.float64)
+    assert abs(out.mean()) < 0.01 * np.sqrt(np.mean(out ** 2))
+
+
+def test_vocoders_are_deterministic_and_keep_the_length():
+    audio = utterance(1.0, 150, dc.SR)
+    for vocoder in dc.VOCODER_FUNCTIONS.values():
+        first, second = vocoder(audio, 7), vocoder(audio, 7)
+        assert len(first) == len(audio) and np.array_equal(first, second) and np.abs(first).max() > 0
+
+
+class StandInApt:
+    """apt as the builder calls it: `apt-cache show` gives a record, `apt-get download` writes bytes."""
+
+    def __init__(self, served, expected=b"the real package"):
+        self.served, self.expected, self.downloads = served, expected, 0
+
+    def __call__(self, args, cwd=None):
+        if args[0] == "apt-cache":
+            digest = hashlib.sha256(self.expected).hexdigest()
+            return f"Package: pkg\nVersion: 1.0-1\nFilename: pool/p/pkg_1.0-1_all.deb\nSHA256: {digest}\n"
+        self.downloads += 1
+        (Path(cwd) / "pkg_1.0-1_all.deb").write_bytes(self.served)
+        return ""
+
+
+def test_corrupt_download_is_detected_by_checksum_and_refused(monkeypatch, tmp_path):
+    apt = StandInApt(served=b"truncated")
+    monkeypatch.setattr(dc, "run_apt", apt)
+    with pytest.raises(dc.CorpusBuildError, match=r"Corrupt download of Debian package 'pkg'.*apt-get download pkg"):
+        dc.fetch_deb("pkg", tmp_path)
+    assert apt.downloads == 2 and not list(tmp_path.glob("*.deb"))
+
+
+def test_corrupt_cached_package_is_fetched_again(monkeypatch, tmp_path):
+    (tmp_path / "pkg_1.0-1_all.deb").write_bytes(b"damaged on disk")
+    monkeypatch.setattr(dc, "run_apt", StandInApt(served=b"the real package"))
+    path, version = dc.fetch_deb("pkg", tmp_path)
+    assert path.read_bytes() == b"the real package" and version == "1.0-1"
+
+
+def test_package_missing_from_apt_names_the_package_and_the_command(monkeypatch):
+    monkeypatch.setattr(dc, "run_apt", lambda args, cwd=None: "")
+    with pytest.raises(dc.CorpusBuildError, match=r"'asterisk-core-sounds-en-g722'.*apt-get update"):
+        dc.apt_record("asterisk-core-sounds-en-g722")
+
+
+def test_no_apt_names_the_package_and_the_command():
+    with pytest.raises(dc.CorpusBuildError, match=r"needs Debian's apt.*apt-get download flite"):
+        dc.run_apt(["no-such-apt-tool", "show", "flite"])
+
+
+def test_engine_that_cannot_run_names_the_package_and_the_command(tmp_path):
+    voice = dc.CommandVoice("espeak-ng", "en-us", "en", dc.Package("espeak-ng", "1", "GPL-3+"),
+                            (str(tmp_path / "missing" / "espeak-ng"), "-w", "{wav}", "-f", "{text}"))
+    with pytest.raises(dc.CorpusBuildError, match=r"espeak-ng cannot run.*apt-get download espeak-ng"):
+        dc.check_voice(voice)
+
+
+def test_licence_is_read_from_machine_readable_copyright():
+    text = ("Format: https://example.org/dep5\n\nFiles: *\nLicense: CC-BY-SA-3.0\n\n"
+            "Files: ru-*\nLicense: CC-BY-3.0\n\nFiles: debian/*\nLicense: GPL-2+\n")
+    assert dc.licence_from_copyright(text, "ru-") == "CC-BY-3.0"
+    assert dc.licence_from_copyright(text, "en-") == "CC-BY-SA-3.0"
+    assert dc.licence_from_copyright("Free-form text, no stanzas.") is None
+
+
+def test_read_in_the_wild_reads_optional_attack_and_split_columns(tmp_path):
+    for name in ("a.wav", "b.wav", "c.wav"):
+        sf.write(tmp_path / name, np.zeros(1600), 16000)
+    pd.DataFrame(dict(file=["a.wav", "b.wav", "c.wav"], speaker=["s1", "s2", "s3"],
+                      label=["bona-fide", "spoof", "spoof"], attack=["-", "tts_flite", "x"],
+                      split=["train", "test", "holdout"])).to_csv(tmp_path / "meta.csv", index=False)
+    files, skipped = vit_lib.read_in_the_wild(tmp_path)
+    assert list(files["attack"]) == ["-", "tts_flite"] and list(files["split"]) == ["train", "test"]
+    assert len(skipped) == 1 and "holdout" in skipped[0][1]
+    pd.DataFrame(dict(file=["a.wav", "b.wav"], speaker=["s1", "s2"],
+                      label=["bona-fide", "spoof"])).to_csv(tmp_path / "meta.csv", index=False)
+    files, _ = vit_lib.read_in_the_wild(tmp_path)
+    assert files["attack"].iloc[0] == "-" and files["attack"].iloc[1:].isna().all()
+    assert files["split"].isna().all()
