@@ -96,11 +96,11 @@ def test_make_architecture_config_picks_the_architecture_from_the_size_name():
 
 
 def test_training_config_accepts_cnn_sizes_and_names_checkpoints_as_the_cnn_notebook_did(tmp_path):
-    config = TrainingConfig(model_size="CNN_Small", checkpoint_dir=str(tmp_path))
+    config = TrainingConfig(model_size="CNN_Small", dataset_name=DATASET, checkpoint_dir=str(tmp_path))
     assert config.architecture == "cnn" and config.run_name == "CNN_Small_vit_balanced_dataset"
     assert config.checkpoint_path() == tmp_path / "best_cnn_model_CNN_Small_vit_balanced_dataset.pth"
     assert config.checkpoint_path("last").name == "last_cnn_model_CNN_Small_vit_balanced_dataset.pth"
-    assert TrainingConfig(checkpoint_dir=str(tmp_path)).checkpoint_path().name == \
+    assert TrainingConfig(dataset_name=DATASET, checkpoint_dir=str(tmp_path)).checkpoint_path().name == \
         "best_vit_model_ViT_Small_vit_balanced_dataset.pth"
     with pytest.raises(ValueError, match=r"Unknown model_size 'CNN_Tiny'"):
         TrainingConfig(model_size="CNN_Tiny")

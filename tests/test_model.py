@@ -34,11 +34,21 @@ def test_model_configs_give_the_contracted_spectrogram_widths():
     assert vit_lib.ALL_MODEL_CONFIGS["vit_performance_dataset"].overlap_ratio == 0.0
 
 
-def test_training_config_defaults_are_the_original_recipe():
-    config = TrainingConfig()
-    assert (config.model_size, config.optimizer, config.learning_rate, config.batch_size, config.seed) == \
-        ("ViT_Small", "adam", 1e-4, 32, 42)
+def test_original_recipe_is_one_setting_away():
+    config = TrainingConfig.original()
+    assert (config.model_size, config.optimizer, config.learning_rate, config.batch_size, config.seed,
+            config.lr_schedule, config.class_balance, config.patch_embedding, config.select_best_by) == \
+        ("ViT_Small", "adam", 1e-4, 32, 42, "constant", "none", "linear", "val_f1")
     assert config.run_name == "ViT_Small_vit_balanced_dataset"
+    assert TrainingConfig.original(epochs=3, learning_rate=1e-3).learning_rate == 1e-3
+
+
+def test_training_config_defaults_are_the_recipe_that_learns_real_speech():
+    config = TrainingConfig()
+    assert (config.optimizer, config.lr_schedule, config.class_balance, config.patch_embedding,
+            config.select_best_by, config.dataset_name) == \
+        ("adamw", "warmup_cosine", "balanced_sampler", "conv", "val_eer", "vit_short_dataset")
+    assert vit_lib.ALL_MODEL_CONFIGS["vit_short_dataset"].max_frames_spec == 128   # 4 s
 
 
 @pytest.mark.parametrize("kwargs, message", [

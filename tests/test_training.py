@@ -46,8 +46,8 @@ def prepared(tmp_path_factory):
 
 def train(prepared, tmp, **overrides):
     """run_training into `tmp`; returns (metrics, what it printed)."""
-    config = TrainingConfig(**{**RECIPE, "cache_dir": str(prepared.cache), "checkpoint_dir": str(tmp / "checkpoints"),
-                               "results_dir": str(tmp / "results"), "run_name": "fixture", **overrides})
+    config = TrainingConfig.original(**{**RECIPE, "cache_dir": str(prepared.cache), "checkpoint_dir": str(tmp / "checkpoints"),
+                                        "results_dir": str(tmp / "results"), "run_name": "fixture", **overrides})
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         metrics = vit_lib.run_training(config)
@@ -210,7 +210,8 @@ def test_ddp_two_processes_train_one_epoch_and_print_once(prepared, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(Path(vit_lib.__file__)), "train", "--cache-dir", str(prepared.cache),
                "--checkpoint-dir", str(tmp_path / "checkpoints"), "--results-dir", str(tmp_path / "results"),
-               "--epochs", "1", "--batch-size", "8", "--wandb-mode", "disabled"]
+               "--epochs", "1", "--batch-size", "8", "--wandb-mode", "disabled", "--dataset-name", DATASET,
+               "--class-balance", "weighted_loss"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -226,7 +227,7 @@ def test_ddp_two_processes_train_one_epoch_and_print_once(prepared, tmp_path):
         in result.stdout
     values = dict(re.findall(r"(Train Loss|Val Loss|Val Acc|Val F1|Val ROC AUC): (\d\.\d{4})", epoch_lines[0]))
     assert len(values) == 5 and all(0 <= float(v) <= 5 for v in values.values())
-    run_name = TrainingConfig().run_name
+    run_name = TrainingConfig(dataset_name=DATASET).run_name
     checkpoint = torch.load(tmp_path / "checkpoints" / f"best_vit_model_{run_name}.pth", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert all(not key.startswith("module.") for key in checkpoint["model_state"])   # unwrapped from DDP
