@@ -209,7 +209,7 @@ class ViTConfig:
         return f"ViTConfig({self.as_dict()})"
 
 
-# Widths chosen so the trainable parameter counts at 128 x 256 land in the contract's ranges:
+# Widths chosen so the trainable parameter counts at 128 x 256 land in the sizes' ranges:
 # Small 2-3 M, Medium 4-6 M, Large 10-12 M (64-dimensional heads throughout).
 VIT_SIZES = {
     "ViT_Small": dict(dim=192, depth=6, heads=3, mlp_dim=768),

@@ -70,7 +70,8 @@ def read_prepared(dataset_dir):
 
 
 def assert_valid_prepared(dataset_dir, corpus_root, source, speakers_known, both_classes_everywhere=True):
-    """The SPEC §4 on-disk format, and no speaker (when known) or original file in two splits."""
+    """The on-disk format (<split>/metadata.csv beside (1, 128, frames) .npy files), and no speaker
+    (when known) or original file in two splits."""
     dataset_dir, corpus_root = Path(dataset_dir), Path(corpus_root)
     for split in SPLITS:
         table = pd.read_csv(dataset_dir / split / "metadata.csv", dtype={"speaker": str, "attack": str})

@@ -1,5 +1,5 @@
-"""Unit tests of the model side of vit_lib: configurations (SPEC §2), the ViT (§3) and the
-evaluation metrics (§6). No training here; see test_training.py."""
+"""Unit tests of the model side of vit_lib: configurations, the ViT and the
+evaluation metrics. No training here; see test_training.py."""
 import math
 
 import numpy as np
@@ -11,7 +11,7 @@ import vit_lib
 from vit_lib import AudioViT, TrainingConfig, ViTConfig
 
 
-# ---------------------------------------------------------------- configuration (§2)
+# ---------------------------------------------------------------- configuration
 def test_vit_config_counts_patches_and_patch_dim():
     config = ViTConfig("t", (128, 256), (16, 16), dim=64, depth=1, heads=2, mlp_dim=128)
     assert config.num_patches == (128 // 16) * (256 // 16) == 128
@@ -27,7 +27,7 @@ def test_vit_config_rejects_image_not_divisible_by_patch(image_size):
         ViTConfig("t", image_size, (16, 16), dim=64, depth=1, heads=2, mlp_dim=128)
 
 
-def test_model_configs_give_the_contracted_spectrogram_widths():
+def test_model_configs_give_the_original_spectrogram_widths():
     assert vit_lib.ALL_MODEL_CONFIGS["vit_balanced_dataset"].max_frames_spec == 256   # 8 s
     assert vit_lib.ALL_MODEL_CONFIGS["vit_performance_dataset"].max_frames_spec == 320  # 10 s
     assert vit_lib.ALL_MODEL_CONFIGS["vit_balanced_dataset"].overlap_ratio == 0.5
@@ -82,16 +82,16 @@ def test_make_vit_config_rejects_unknown_size():
         vit_lib.make_vit_config("ViT_Tiny")
 
 
-# ---------------------------------------------------------------- parameter counts (§2)
+# ---------------------------------------------------------------- parameter counts
 @pytest.mark.parametrize("size, low, high", [("ViT_Small", 2.0e6, 3.0e6), ("ViT_Medium", 4.0e6, 6.0e6),
                                              ("ViT_Large", 10.0e6, 12.0e6)])
-def test_trainable_parameters_at_128x256_are_in_contract_range(size, low, high):
+def test_trainable_parameters_at_128x256_are_in_each_sizes_range(size, low, high):
     model = AudioViT(config=vit_lib.make_vit_config(size, (128, 256)))
     assert low <= vit_lib.count_parameters(model) <= high
 
 
 def expected_parameter_count(config):
-    """By hand from the §3 architecture (every attention head is dim // heads wide)."""
+    """By hand from the architecture (every attention head is dim // heads wide)."""
     d, m, p = config.dim, config.mlp_dim, config.patch_dim
     patch_embedding = 2 * p + (p * d + d) + 2 * d           # LayerNorm(patch_dim), Linear, LayerNorm(dim)
     positions_and_cls = (config.num_patches + 1) * d + d
@@ -115,7 +115,7 @@ def test_vit_small_parameter_count_is_2741698():
     assert vit_lib.count_parameters(AudioViT(config=vit_lib.ViT_Small)) == 2_741_698
 
 
-# ---------------------------------------------------------------- model (§3)
+# ---------------------------------------------------------------- model
 TINY = dict(patch_size=(16, 16), dim=32, depth=2, heads=4, mlp_dim=64)
 
 
@@ -253,7 +253,7 @@ def test_cls_attention_and_rollout_give_one_weight_per_patch(tiny_attention_maps
     assert (rollout.sum(dim=-1) <= 1 + 1e-6).all()
 
 
-# ---------------------------------------------------------------- equal error rate (§6)
+# ---------------------------------------------------------------- equal error rate
 def test_eer_is_zero_when_classes_are_perfectly_separated():
     eer, threshold = vit_lib.equal_error_rate([3.0, 4.0, 5.0], [0.0, 1.0, 2.0])
     assert eer == 0.0

@@ -1,4 +1,4 @@
-"""Unit tests of training (SPEC §5), resuming, DDP under torchrun, inference and tracking (§7), on a
+"""Unit tests of training, resuming, DDP under torchrun, inference and tracking, on a
 tiny fixture corpus prepared once per module. Everything runs on CPU with wandb disabled except the
 wandb tests, which check that wandb never prompts and goes offline without a key."""
 import contextlib
@@ -67,7 +67,7 @@ def losses(history, key="train_loss"):
     return [entry[key] for entry in history]
 
 
-# ---------------------------------------------------------------- training (§5)
+# ---------------------------------------------------------------- training
 def test_training_loss_falls_on_fixture(baseline):
     history = baseline.metrics["history"]
     assert [entry["epoch"] for entry in history] == [1, 2, 3]
@@ -346,7 +346,7 @@ def test_score_cli_writes_one_line_per_decodable_file_and_lists_the_rest(prepare
     assert re.search(r"skipped .*tiny\.wav: too short", printed)
 
 
-# ---------------------------------------------------------------- tracking (§7)
+# ---------------------------------------------------------------- tracking
 @pytest.fixture
 def no_wandb_key(tmp_path, monkeypatch):
     """No key anywhere: no WANDB_API_KEY, no wandb_api_key.txt in cwd, home or repo, stdin closed."""
