@@ -110,7 +110,9 @@ def main():
     table = summary_table(rows)
     mean_eer = pd.DataFrame(rows).groupby("model", sort=False)["pooled"].mean()
     verdicts = {model: vit_lib.audit_verdict(audit, eer) for model, eer in mean_eer.items()}
-    record = dict(recipe=asdict(recipe), corpus=args.corpus_dir, runs=rows, audit=audit.to_dict("records"),
+    folders = ("cache_dir", "results_dir", "checkpoint_dir", "run_name")   # per machine and per run
+    record = dict(recipe={k: v for k, v in asdict(recipe).items() if k not in folders},
+                  corpus=vit_lib.display_path(args.corpus_dir), runs=rows, audit=audit.to_dict("records"),
                   verdicts=verdicts, machine=dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                                                   platform=platform.platform(), torch=torch.__version__))
     name = args.name or ("detection_original" if args.original else "detection")
