@@ -25,7 +25,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -376,17 +376,26 @@ def _decode_with_ffmpeg(path):
         raise AudioError("ffmpeg cannot decode: no audio stream in its output") from None
 
 
-def load_audio(path, sr=DataConfig.SR):
-    """Decode to mono (the mean of the channels) float32 at `sr` Hz: FFMPEG_EXTENSIONS with ffmpeg,
-    every other file with libsndfile."""
-    import soxr
+def _checked_audio_path(path):
+    """`path` as a Path, after the checks every decoder needs; raises AudioError."""
     path = Path(path)
     if not path.is_file():
         raise AudioError("file not found")
     if path.stat().st_size == 0:
         raise AudioError("empty file")
-    decode = _decode_with_ffmpeg if path.suffix.lower() in FFMPEG_EXTENSIONS else _decode_with_libsndfile
-    audio, file_sr = decode(path)
+    return path
+
+
+def _needs_ffmpeg(path):
+    return path.suffix.lower() in FFMPEG_EXTENSIONS
+
+
+def load_audio(path, sr=DataConfig.SR):
+    """Decode to mono (the mean of the channels) float32 at `sr` Hz: FFMPEG_EXTENSIONS with ffmpeg,
+    every other file with libsndfile."""
+    import soxr
+    path = _checked_audio_path(path)
+    audio, file_sr = (_decode_with_ffmpeg if _needs_ffmpeg(path) else _decode_with_libsndfile)(path)
     if audio.size == 0:
         raise AudioError("no samples")
     if not np.isfinite(audio).all():
@@ -554,13 +563,17 @@ def lfcc(audio_or_power, sr=DataConfig.SR, n_coeffs=20, n_filters=20, n_fft=512,
     return cepstra.astype(np.float32)
 
 
+def _require_min_duration(n_samples, data_config):
+    duration = n_samples / data_config.SR
+    if duration < data_config.MIN_CLIP_SECONDS:
+        raise AudioError(f"too short ({duration:.3f} s < {data_config.MIN_CLIP_SECONDS} s)")
+
+
 def normalized_clip(path, data_config=DataConfig()):
     """A whole file through the spectrograms' decode path, unsegmented: mono at SR, too-short clips
     refused, loudness-normalised, silence trimmed when TRIM_SILENCE is set. Raises AudioError."""
     audio = load_audio(path, data_config.SR)
-    duration = len(audio) / data_config.SR
-    if duration < data_config.MIN_CLIP_SECONDS:
-        raise AudioError(f"too short ({duration:.3f} s < {data_config.MIN_CLIP_SECONDS} s)")
+    _require_min_duration(len(audio), data_config)
     start, end = non_silent_bounds(audio, data_config.TRIM_TOP_DB)
     audio, _ = loudness_normalize(audio, data_config.SR, data_config.LOUDNESS_LUFS)
     return audio[start:end] if data_config.TRIM_SILENCE else audio
@@ -753,12 +766,8 @@ def stream_audio(path, sr=DataConfig.SR, block_frames=STREAM_BLOCK_FRAMES):
     """load_audio in blocks: the same decoding rule, checks and samples (mono float32 at `sr` Hz),
     with at most `block_frames` decoded frames held at a time."""
     import soxr
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError("file not found")
-    if path.stat().st_size == 0:
-        raise AudioError("empty file")
-    read = _ffmpeg_blocks if path.suffix.lower() in FFMPEG_EXTENSIONS else _libsndfile_blocks
+    path = _checked_audio_path(path)
+    read = _ffmpeg_blocks if _needs_ffmpeg(path) else _libsndfile_blocks
     with contextlib.closing(read(path, block_frames)) as blocks:
         file_sr = next(blocks)
         resampler = soxr.ResampleStream(file_sr, sr, 1, dtype="float32") if file_sr != sr else None
@@ -893,9 +902,7 @@ def measure_clip(path, data_config=DataConfig()):
             kept = None
         for meter in meters:
             meter.add(block)
-    duration = n_samples / sr
-    if duration < data_config.MIN_CLIP_SECONDS:
-        raise AudioError(f"too short ({duration:.3f} s < {data_config.MIN_CLIP_SECONDS} s)")
+    _require_min_duration(n_samples, data_config)
     loudness, silence, recording = meters
     return n_samples, loudness.loudness(), silence.bounds(), recording.facts(), kept
 
@@ -3096,8 +3103,7 @@ def main(argv=None):
         elif item.type in ("bool", bool):
             train.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default)
         else:
-            kind = {"int": int, "float": float}.get(str(item.type).split(" ")[0], str)
-            train.add_argument(flag, type=kind, default=item.default)
+            train.add_argument(flag, type=training_field_type(item), default=item.default)
     score = commands.add_parser("score", help="score audio files or folders into an ASVspoof-style score file")
     score.add_argument("checkpoint")
     score.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
@@ -3122,6 +3128,15 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, DatasetError, SplitLeakError) as error:
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     return 0
+
+
+def _parse_bool(text):
+    return text.lower() in ("1", "true", "yes")
+
+
+def training_field_type(item):
+    """What parses a TrainingConfig field's value from text (the annotations are strings, e.g. "float | None")."""
+    return {"int": int, "float": float, "bool": _parse_bool}.get(str(item.type).split(" ")[0], str)
 
 
 def show_progress():

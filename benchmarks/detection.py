@@ -80,8 +80,7 @@ def main():
     args = parser.parse_args()
     out = Path(args.out)
     changes = dict(item.split("=", 1) for item in args.set)
-    parsers = {"int": int, "float": float, "bool": lambda value: value.lower() in ("1", "true", "yes")}
-    types = {item.name: parsers.get(str(item.type).split(" ")[0], str) for item in fields(vit_lib.TrainingConfig)}
+    types = {item.name: vit_lib.training_field_type(item) for item in fields(vit_lib.TrainingConfig)}
     changes = {name: types[name](value) for name, value in changes.items()}
     recipe = (vit_lib.TrainingConfig.original if args.original else vit_lib.TrainingConfig)(**changes)
     vit_lib.prepare_dataset(args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, progress=False)

@@ -107,17 +107,6 @@ def test_training_config_accepts_cnn_sizes_and_names_checkpoints_as_the_cnn_note
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """4 speakers x 2 clips, real and fake, split 50/25/25 by speaker (as in test_training.py)."""
-    root = tmp_path_factory.mktemp("prepared")
-    corpus = vit_lib.make_fixture_corpus(root / "corpus", n_speakers=4, clips_per_speaker=2)
-    with contextlib.redirect_stdout(io.StringIO()):
-        vit_lib.prepare_dataset(corpus, DATASET, cache_dir=root / "cache", num_workers=1, progress=False,
-                                split_fractions=(0.5, 0.25, 0.25))
-    return SimpleNamespace(root=root, corpus=corpus, cache=root / "cache")
-
-
-@pytest.fixture(scope="module")
 def cnn_run(prepared, tmp_path_factory):
     """CNN_Small trained for 2 epochs by run_training: (config, metrics, what it printed)."""
     tmp = tmp_path_factory.mktemp("cnn")

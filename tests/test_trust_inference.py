@@ -28,17 +28,6 @@ DATASET = "vit_balanced_dataset"
 SR = DataConfig.SR
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """The tiny fixture corpus (4 speakers x 2 clips a class) prepared once, split 50/25/25 by speaker."""
-    root = tmp_path_factory.mktemp("prepared")
-    corpus = vit_lib.make_fixture_corpus(root / "corpus", n_speakers=4, clips_per_speaker=2)
-    with contextlib.redirect_stdout(io.StringIO()):
-        vit_lib.prepare_dataset(corpus, DATASET, cache_dir=root / "cache", num_workers=1, progress=False,
-                                split_fractions=(0.5, 0.25, 0.25))
-    return SimpleNamespace(corpus=corpus, cache=root / "cache")
-
-
 def train_one_epoch(prepared, folder, data_config=DataConfig()):
     config = TrainingConfig(model_size="ViT_Small", dataset_name=DATASET, epochs=1, batch_size=8, num_workers=0,
                             wandb_mode="disabled", progress=False, cache_dir=str(prepared.cache),
