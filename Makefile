@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # Unit tests, then every notebook under nbval in strict mode (outputs must match the committed ones).
 test: $(STAMP)
-	$(BIN)/python -m pytest tests notebooks --nbval -v --durations=15
+	$(BIN)/python -m pytest tests notebooks --nbval --nbval-sanitize-with nbval_sanitize.cfg -v --durations=15
 
 # Jupyter refuses to start as root unless told to; containers and many cloud machines log in as root.
 ALLOW_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
@@ -45,10 +45,10 @@ demo-corpus: $(STAMP)
 	$(BIN)/python demo_corpus.py --out $(DEMO_CORPUS)
 
 # The notebook series on the demo corpus (after `make demo-corpus`): figures, metrics and score files in
-# results/demo_corpus/, executed notebooks in build/demo_corpus/; notebook 03 trains three seeds.
+# results/demo_corpus/, executed notebooks in build/demo_corpus/; notebook 04 trains three seeds.
 demo-corpus-series: $(STAMP)
 	VIT_PROGRESS=0 VIT_CORPUS=in_the_wild VIT_AUDIO_DIR=$(DEMO_CORPUS) VIT_CACHE_DIR=data/demo_processed \
-	VIT_RESULTS_DIR=results/demo_corpus VIT_CHECKPOINT_DIR=checkpoints/demo_corpus VIT_EPOCHS=15 VIT_BATCH_SIZE=32 \
+	VIT_RESULTS_DIR=results/demo_corpus VIT_CHECKPOINT_DIR=checkpoints/demo_corpus VIT_EPOCHS=45 VIT_BATCH_SIZE=32 \
 	VIT_SEEDS=42,43,44 VIT_GMM_COMPONENTS=64 \
 	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir build/demo_corpus $(NOTEBOOKS)
 

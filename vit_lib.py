@@ -36,7 +36,7 @@ from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widget bars in JupyterLab, text bars in a terminal
 
 REPO_ROOT = Path(__file__).resolve().parent
 FIXTURE_AUDIO_DIR = REPO_ROOT / "data" / "fixture_audio"
@@ -44,6 +44,8 @@ DEFAULT_CACHE_DIR = REPO_ROOT / "data" / "processed"
 DEFAULT_RESULTS_DIR = REPO_ROOT / "results"
 DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 CLASS_NAMES = ["Real", "Fake"]
+# One colour per class in every figure (seaborn's colour-blind palette): real blue, fake orange.
+CLASS_COLORS = {"Real": "#0173b2", "Fake": "#de8f05"}
 SPLITS = ("train", "val", "test")
 WANDB_PROJECT = "audio-deepfake-detection"
 
@@ -236,7 +238,7 @@ class TrainingConfig:
     speech (README, "Detection on real speech"); `TrainingConfig.original()` is the original notebook's."""
     model_size: str = "ViT_Small"         # ViT_Small/Medium/Large, or CNN_Small/Medium/Large for the CNN baseline
     dataset_name: str = "vit_short_dataset"
-    epochs: int = 15
+    epochs: int = 45
     learning_rate: float = 5e-4
     batch_size: int = 32
     num_workers: int = 0
@@ -255,6 +257,7 @@ class TrainingConfig:
     # flattened patch and linear layer, the original notebook's.
     patch_embedding: str = "conv"
     mixed_precision: bool = True         # only ever used on CUDA
+    speed_up: bool = True                # faster dropout and attention kernels (see speed_up), same results
     early_stopping_patience: int | None = None
     select_best_by: str = "val_eer"      # "val_eer", or "val_f1" (the original recipe)
     compile: bool = False
@@ -1302,10 +1305,11 @@ def assign_splits(files, fractions=(0.7, 0.15, 0.15), seed=DataConfig.SEED):
     return files
 
 
-def check_split_leaks(files):
-    """Raise SplitLeakError if a known speaker or an original file occurs in two splits."""
+def check_split_leaks(files, file_column="path"):
+    """Raise SplitLeakError if a known speaker or an original file occurs in two splits. `files` is
+    one row per file (`path`) or per segment (`file_column="original_path"`, a dataset's metadata)."""
     problems = []
-    for column in ("speaker", "path"):
+    for column in ("speaker", file_column):
         known = files.dropna(subset=[column])
         spread = known.groupby(column)["split"].nunique()
         leaked = spread[spread > 1].index.tolist()
@@ -1474,7 +1478,7 @@ def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="fo
                 stack.enter_context(threadpool_limits(1))
                 results = map(_prepare_one, jobs)
             for result in tqdm(results, total=len(jobs), desc=f"Preparing {dataset_name}",
-                               disable=not progress, file=sys.stderr):
+                               disable=not progress):
                 result["made_from"] = made_from[result["file_id"]]
                 journal.write(json.dumps(result) + "\n")
                 journal.flush()
@@ -1546,59 +1550,70 @@ def _formant_filter(signal, formants, sr):
     return out
 
 
-def _synthetic_utterance(rng, sr, seconds, f0):
-    """A voice-like clip: glottal pulses with intonation and vibrato, syllable envelope, formants."""
+def _synthetic_utterance(rng, sr, seconds, f0, aperiodicity=0.0, jitter=0.0):
+    """A voice-like clip: glottal pulses with intonation and vibrato, syllable envelope, formants, breath
+    and room noise at levels drawn per clip. The two excitation defects are what the fixture's vocoders
+    get wrong: `aperiodicity` hands that share of the pulses' power to white noise (the harmonics drown,
+    as when a vocoder misjudges voicing) and `jitter` moves each pulse by that fraction of its period,
+    times a standard normal draw (the upper harmonics blur, as with an unsteady F0 track). Noise and
+    pulses pass the same formants, so neither defect changes the spectral envelope: bandwidth and
+    level stay the real voice's. Every draw is made whatever the defects, so the same `rng` state
+    gives the same voice with and without them."""
+    from scipy.signal import butter, sosfilt
     n = int(seconds * sr)
     t = np.arange(n) / sr
     contour = f0 * (1 + 0.15 * np.sin(2 * np.pi * rng.uniform(0.2, 0.6) * t + rng.uniform(0, 6))
                     + 0.02 * np.sin(2 * np.pi * 5.5 * t))
     phase = np.cumsum(contour) / sr
-    pulses = (np.diff(np.floor(phase), prepend=0) > 0).astype(np.float64)
+    onsets = np.flatnonzero(np.diff(np.floor(phase), prepend=0) > 0)
+    shifts = np.round(jitter * sr / contour[onsets] * rng.standard_normal(len(onsets))).astype(int)
+    pulses = np.bincount(np.clip(onsets + shifts, 0, n - 1), minlength=n).astype(np.float64)
+    excitation = (np.sqrt(1 - aperiodicity) * pulses
+                  + np.sqrt(aperiodicity * np.mean(pulses ** 2)) * rng.standard_normal(n))
     syllables = np.clip(np.sin(2 * np.pi * rng.uniform(2.5, 4.5) * t + rng.uniform(0, 6)), 0, None) ** 0.7
-    voiced = _formant_filter(pulses, [(rng.uniform(500, 800), 80), (rng.uniform(1100, 1800), 100),
-                                      (rng.uniform(2300, 3000), 150)], sr)
-    breath = 0.02 * rng.standard_normal(n)
+    voiced = _formant_filter(excitation, [(rng.uniform(500, 800), 80), (rng.uniform(1100, 1800), 100),
+                                          (rng.uniform(2300, 3000), 150)], sr)
+    breath = rng.uniform(0.003, 0.01) * rng.standard_normal(n)
     clip = (voiced + breath) * syllables
-    return clip - clip.mean()   # one-signed pulses leave a DC offset that the vocoded twins lack
+    # Pauses of digital silence would show any trace a vocoder leaves in them: a recording's room
+    # noise covers them, at a level drawn per clip.
+    clip += 10 ** (-rng.uniform(35, 50) / 20) * np.sqrt(np.mean(clip ** 2)) * rng.standard_normal(n)
+    # A microphone's high-pass: the one-signed pulses would leave a DC step under every syllable, and
+    # noise excitation none, so the pauses alone would tell the classes apart.
+    return sosfilt(butter(2, 60, "highpass", fs=sr, output="sos"), clip)
 
 
-def _crude_vocoder(audio, rng, sr, cutoff_hz):
-    """Resynthesise from a smoothed spectral envelope over a monotone buzz + noise excitation, band
-    limited to `cutoff_hz`: the harmonic detail and the top of the spectrum are lost, two artefacts
-    of early parametric vocoders."""
-    from scipy.ndimage import uniform_filter1d
-    from scipy.signal import butter, istft, sosfiltfilt, stft
-    _, _, spec = stft(audio, sr, nperseg=512)
-    envelope = uniform_filter1d(np.abs(spec), size=9, axis=0)
-    t = np.arange(len(audio)) / sr
-    buzz = 0.3 * np.sign(np.sin(2 * np.pi * rng.uniform(100, 140) * t)) + rng.standard_normal(len(audio))
-    _, _, excitation = stft(buzz, sr, nperseg=512)
-    excitation /= uniform_filter1d(np.abs(excitation), size=9, axis=0) + 1e-8
-    _, fake = istft(envelope * excitation[:, :envelope.shape[1]], sr, nperseg=512)
-    return sosfiltfilt(butter(8, cutoff_hz, fs=sr, output="sos"), fake[:len(audio)])
-
-
-FIXTURE_ATTACKS = {"vocoder_4k": 4000, "vocoder_6k": 6000}
+# attack: (the excitation defect it leaves, range of the defect's per-clip strength). The weakest
+# fakes are hard to tell from their real twins, so a detector makes mistakes worth looking at.
+FIXTURE_ATTACKS = {"noisy_excitation": ("aperiodicity", (0.03, 0.8)), "pulse_jitter": ("jitter", (0.005, 0.3))}
 
 
 def make_fixture_corpus(out_dir=FIXTURE_AUDIO_DIR, n_speakers=12, clips_per_speaker=4, sr=22050,
                         seed=DataConfig.SEED):
-    """A tiny real/fake folder corpus, made deterministically: each fake clip is its real twin passed
-    through one of two crude vocoders, fake/<attack>/ (same speaker, duration and leading silence,
-    so none of these separates the classes). Also two unusable
-    files, to show how preparation reports them. Returns the corpus folder."""
+    """A tiny real/fake folder corpus, made deterministically: each fake clip, fake/<attack>/, is its
+    real twin (same speaker, words, duration, leading silence and loudness, so none of these separates
+    the classes) synthesised again with the excitation defect of one of FIXTURE_ATTACKS, at a strength
+    drawn per clip. Also two unusable files, to show how preparation reports them. Returns the corpus
+    folder."""
     import soundfile as sf
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     speakers = []
+    strata = math.ceil(clips_per_speaker / len(FIXTURE_ATTACKS))   # a speaker's fakes per attack
     for speaker in range(n_speakers):
         f0 = rng.uniform(90, 230)
         for clip in range(clips_per_speaker):
             seconds = rng.uniform(2.0, 12.0)
             silence = np.zeros(int(rng.uniform(0.05, 0.5) * sr))
-            real = _synthetic_utterance(rng, sr, seconds, f0)
             attack = list(FIXTURE_ATTACKS)[clip % len(FIXTURE_ATTACKS)]
-            fake = _crude_vocoder(real, rng, sr, FIXTURE_ATTACKS[attack])
+            defect, (weakest, strongest) = FIXTURE_ATTACKS[attack]
+            # A speaker's fakes of one attack take their strengths from successive parts of the
+            # range, so every split, however few its speakers, holds fakes near their real twins.
+            share = (clip // len(FIXTURE_ATTACKS) + rng.uniform()) / strata
+            voice = rng.integers(2 ** 32)   # the twins share every draw of the voice but the defect
+            real = _synthetic_utterance(np.random.default_rng(voice), sr, seconds, f0)
+            fake = _synthetic_utterance(np.random.default_rng(voice), sr, seconds, f0,
+                                        **{defect: weakest + share * (strongest - weakest)})
             level = rng.uniform(-32, -26)  # twins share a loudness, so level says nothing about the class
             for folder, audio in (("real", real), (f"fake/{attack}", fake)):
                 audio = np.concatenate([silence, loudness_normalize(audio.astype(np.float32), sr, level)[0]])
@@ -1767,81 +1782,44 @@ class PreNorm(nn.Module):
         return self.fn(self.norm(x), **kwargs)
 
 
-def fast_dropout(x, p, training=True):
-    """Inverted dropout, as F.dropout. On CPU, F.dropout's bernoulli_ draws one single-threaded
-    mt19937 number per element (PyTorch uses MKL's parallel generator only on Intel CPUs), about a
-    third of a ViT_Small training step on a 2-core AMD machine. Here the keep mask comes from 16
-    random bits per element out of numpy's SFC64, about 2.7x faster than torch's generator per
-    bit, seeded from torch's generator so that torch.manual_seed still fixes every mask. p is
-    rounded to a multiple of 2**-16 (0.1 -> 0.1000061). Other devices, and torch.compile, use
-    F.dropout."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.dropout(x, p, training=True)
-    seed = int(torch.empty((), dtype=torch.int64).random_())
-    words = np.random.SFC64(seed).random_raw((x.numel() + 3) // 4)
-    lanes = torch.from_numpy(words).view(torch.int16)[: x.numel()].view(x.shape)
-    # comparing straight into a float tensor is one pass; a bool mask and .to(float) take three
-    keep = torch.ge(lanes, round(p * 65536) - 32768, out=torch.empty_like(x))
-    return x * keep.mul_(1 / (1 - p))
-
-
-class Dropout(nn.Dropout):
-    def forward(self, x):
-        return fast_dropout(x, self.p, self.training)
-
-
-def make_dropout(p, fast=True):
-    """`fast=False` gives torch's own nn.Dropout (the reference formulation)."""
-    return Dropout(p) if fast else nn.Dropout(p)
-
-
 class FeedForward(nn.Module):
-    def __init__(self, dim, hidden_dim, dropout=0.0, fast=True):
+    def __init__(self, dim, hidden_dim, dropout=0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), make_dropout(dropout, fast),
-                                 nn.Linear(hidden_dim, dim), make_dropout(dropout, fast))
+        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
 
     def forward(self, x):
         return self.net(x)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention. `fast=True` uses PyTorch's scaled_dot_product_attention where it
-    is faster; the plain einsum/softmax path gives the same result and is used when the weights are
-    wanted, and for training with dropout on CPU, where SDPA has no fused kernel and falls back to
-    the same math with F.dropout's slower mask."""
+    """Multi-head self-attention: every token's query is compared with every token's key, and the
+    softmax of the scaled scores weighs the values."""
 
-    def __init__(self, dim, heads=8, dim_head=64, dropout=0.0, fast=True):
+    def __init__(self, dim, heads=8, dim_head=64, dropout=0.0):
         super().__init__()
         inner_dim = dim_head * heads
-        self.heads, self.scale, self.dropout, self.fast = heads, dim_head ** -0.5, dropout, fast
+        self.heads, self.scale = heads, dim_head ** -0.5
         self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)
-        self.attend_dropout = make_dropout(dropout, fast)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), make_dropout(dropout, fast))
+        self.attend_dropout = nn.Dropout(dropout)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
 
-    def uses_sdpa(self, x, return_attention):
-        dropout_on_cpu = self.training and self.dropout > 0 and x.device.type == "cpu"
-        return self.fast and not return_attention and not dropout_on_cpu
+    def queries_keys_values(self, x):
+        return (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
 
     def forward(self, x, return_attention=False):
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
-        if self.uses_sdpa(x, return_attention):
-            out, attn = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0), None
-        else:
-            attn = (torch.einsum("bhid,bhjd->bhij", q, k) * self.scale).softmax(dim=-1)
-            out = torch.einsum("bhij,bhjd->bhid", self.attend_dropout(attn), v)
-        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        q, k, v = self.queries_keys_values(x)
+        attn = (q @ k.transpose(-1, -2) * self.scale).softmax(dim=-1)
+        out = self.to_out(rearrange(self.attend_dropout(attn) @ v, "b h n d -> b n (h d)"))
         return (out, attn) if return_attention else out
 
 
 class Transformer(nn.Module):
-    def __init__(self, dim, depth, heads, dim_head, mlp_dim, dropout=0.0, fast=True):
+    def __init__(self, dim, depth, heads, dim_head, mlp_dim, dropout=0.0):
         super().__init__()
         self.layers = nn.ModuleList([
-            nn.ModuleList([PreNorm(dim, Attention(dim, heads, dim_head, dropout, fast)),
-                           PreNorm(dim, FeedForward(dim, mlp_dim, dropout, fast))])
+            nn.ModuleList([PreNorm(dim, Attention(dim, heads, dim_head, dropout)),
+                           PreNorm(dim, FeedForward(dim, mlp_dim, dropout))])
             for _ in range(depth)])
 
     def forward(self, x, return_attention=False):
@@ -1881,11 +1859,9 @@ def conv_patch_embedding(config: ViTConfig):
 
 
 class AudioViT(nn.Module):
-    """ViT over a log-mel spectrogram: 16x16 patches -> tokens, CLS token -> 2 logits (real, fake).
-    `fast=False` builds the plain reference formulation of the same function and parameters
-    (einsum/softmax attention, torch's nn.Dropout): the benchmark's baseline."""
+    """ViT over a log-mel spectrogram: 16x16 patches -> tokens, CLS token -> 2 logits (real, fake)."""
 
-    def __init__(self, *, config: ViTConfig, fast=True):
+    def __init__(self, *, config: ViTConfig):
         super().__init__()
         self.config = config
         if config.patch_embedding == "conv":
@@ -1899,9 +1875,9 @@ class AudioViT(nn.Module):
             )
         self.pos_embedding = nn.Parameter(torch.randn(1, config.num_patches + 1, config.dim))
         self.cls_token = nn.Parameter(torch.randn(1, 1, config.dim))
-        self.dropout = make_dropout(config.emb_dropout, fast)
+        self.dropout = nn.Dropout(config.emb_dropout)
         self.transformer = Transformer(config.dim, config.depth, config.heads, config.dim // config.heads,
-                                       config.mlp_dim, config.dropout, fast)
+                                       config.mlp_dim, config.dropout)
         self.mlp_head = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, config.num_classes))
 
     def forward(self, img, return_attention=False):
@@ -2051,10 +2027,11 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def parameter_table(image_size=(DataConfig.N_MELS, 256)):
+def parameter_table(image_size=(DataConfig.N_MELS, 256), patch_embedding=TrainingConfig.patch_embedding):
+    """Trainable parameters of each ViT size at `image_size`, with the recipe's patch embedding by default."""
     rows = []
     for size in VIT_SIZES:
-        config = make_vit_config(size, image_size)
+        config = make_vit_config(size, image_size, patch_embedding=patch_embedding)
         rows.append(dict(model_size=size, dim=config.dim, depth=config.depth, heads=config.heads,
                          mlp_dim=config.mlp_dim, patches=config.num_patches,
                          params_M=round(count_parameters(AudioViT(config=config)) / 1e6, 3)))
@@ -2069,6 +2046,63 @@ def cnn_parameter_table(image_size=(DataConfig.N_MELS, 256)):
                          blocks=config.blocks, filters=config.filters,
                          params_M=round(count_parameters(AudioCNN(config=config)) / 1e6, 3)))
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- speed-ups
+# The model classes above are the plain formulation, to be read. `speed_up` swaps in faster
+# implementations of the same function and the same parameters, from outside, for training and scoring.
+def fast_dropout(x, p, training=True):
+    """Inverted dropout, as F.dropout. On CPU, F.dropout's bernoulli_ draws one single-threaded
+    mt19937 number per element (PyTorch uses MKL's parallel generator only on Intel CPUs), about a
+    third of a ViT_Small training step on a 2-core AMD machine. Here the keep mask comes from 16
+    random bits per element out of numpy's SFC64, about 2.7x faster than torch's generator per
+    bit, seeded from torch's generator so that torch.manual_seed still fixes every mask. p is
+    rounded to a multiple of 2**-16 (0.1 -> 0.1000061). Other devices, and torch.compile, use
+    F.dropout."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, training=True)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    words = np.random.SFC64(seed).random_raw((x.numel() + 3) // 4)
+    lanes = torch.from_numpy(words).view(torch.int16)[: x.numel()].view(x.shape)
+    # comparing straight into a float tensor is one pass; a bool mask and .to(float) take three
+    keep = torch.ge(lanes, round(p * 65536) - 32768, out=torch.empty_like(x))
+    return x * keep.mul_(1 / (1 - p))
+
+
+class FastDropout(nn.Dropout):
+    def forward(self, x):
+        return fast_dropout(x, self.p, self.training)
+
+
+class FusedAttention(Attention):
+    """Attention through PyTorch's scaled_dot_product_attention (fused kernels), where that is faster.
+    The plain path stays for the attention maps, and for training with dropout on CPU, where SDPA
+    has no fused kernel and falls back to the same math with F.dropout's slower mask."""
+
+    def uses_sdpa(self, x, return_attention):
+        dropout_on_cpu = self.training and self.attend_dropout.p > 0 and x.device.type == "cpu"
+        return not return_attention and not dropout_on_cpu
+
+    def forward(self, x, return_attention=False):
+        if not self.uses_sdpa(x, return_attention):
+            return super().forward(x, return_attention)
+        q, k, v = self.queries_keys_values(x)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attend_dropout.p if self.training else 0.0)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+FASTER = {nn.Dropout: FastDropout, Attention: FusedAttention}
+
+
+def speed_up(model):
+    """Swap every nn.Dropout and Attention in `model` for its faster twin, in place, and return it.
+    Changing a module's class keeps its parameters, buffers and hooks, so the state dict, the
+    checkpoints and the results (up to float rounding and which units dropout draws) are unchanged."""
+    for module in model.modules():
+        module.__class__ = FASTER.get(type(module), type(module))
+    return model
 
 
 # ---------------------------------------------------------------- training
@@ -2138,49 +2172,44 @@ def _unwrap(model):
     return getattr(model, "_orig_mod", model)      # torch.compile
 
 
-def train_model(model, train_loader, val_loader, optimizer, criterion, device, num_epochs, run_name,
-                dataset_name, scheduler=None, checkpoint_dir=DEFAULT_CHECKPOINT_DIR, grad_clip_norm=None,
-                mixed_precision=False, early_stopping_patience=None, seed=DataConfig.SEED, wandb_run=None,
-                state=None, checkpoint_extras=None, progress=True, select_best_by="val_f1"):
-    """Train, validate every epoch, keep the best model by validation F1 (the original recipe) or,
-    with select_best_by="val_eer", by validation EER, which needs no decision threshold.
+def train_model(model, train_loader, val_loader, optimizer, criterion, device, config: TrainingConfig,
+                scheduler=None, wandb_run=None, state=None, checkpoint_extras=None):
+    """Train for `config.epochs`, validate every epoch, keep the best model by validation F1 (the
+    original recipe) or, with select_best_by="val_eer", by validation EER, which needs no decision
+    threshold.
 
-    Writes `best_vit_model_{run_name}.pth` (best so far) and `last_vit_model_{run_name}.pth` (every
-    epoch, for resuming) atomically; `cnn` in place of `vit` for an AudioCNN. `state` (from a last
-    checkpoint) continues an earlier run. Returns the per-epoch history.
+    Writes `config.checkpoint_path("best")` (best so far) and `config.checkpoint_path("last")` (every
+    epoch, for resuming) atomically. `state` (from a last checkpoint) continues an earlier run.
+    Returns the per-epoch history.
     """
-    checkpoint_dir = Path(checkpoint_dir)
-    architecture = architecture_of(getattr(_unwrap(model), "config", None))
     state = state or {}
     history = list(state.get("history", []))
-    if select_best_by not in ("val_f1", "val_eer"):
-        raise ValueError(f"select_best_by must be 'val_f1' or 'val_eer', got {select_best_by!r}")
+    select_best_by = config.select_best_by
     best_value = state.get(f"best_{select_best_by}")
     stale_epochs = state.get("stale_epochs", 0)
-    scaler = torch.amp.GradScaler("cuda", enabled=mixed_precision and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=config.mixed_precision and device.type == "cuda"
                                   and not torch.cuda.is_bf16_supported())
     if "scaler_state" in state:
         scaler.load_state_dict(state["scaler_state"])
-    for epoch in range(state.get("epoch", 0) + 1, num_epochs + 1):
-        if early_stopping_patience is not None and stale_epochs >= early_stopping_patience:
+    for epoch in range(state.get("epoch", 0) + 1, config.epochs + 1):
+        if config.early_stopping_patience is not None and stale_epochs >= config.early_stopping_patience:
             break
-        torch.manual_seed(seed + epoch)  # shuffling, augmentation and dropout depend only on the epoch
+        torch.manual_seed(config.seed + epoch)  # shuffling, augmentation and dropout depend only on the epoch
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         model.train()
         loss_sum, seen = 0.0, 0
-        for batch in tqdm(train_loader, desc=f"Epoch {epoch}", leave=False, disable=not progress,
-                          file=sys.stderr):
+        for batch in tqdm(train_loader, desc=f"Epoch {epoch}", leave=False, disable=not config.progress):
             if batch is None:
                 continue
             inputs, labels = batch[0].to(device), batch[1].to(device)
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, mixed_precision):
+            with _autocast(device, config.mixed_precision):
                 loss = criterion(model(inputs), labels)
             scaler.scale(loss).backward()
-            if grad_clip_norm:
+            if config.grad_clip_norm:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
             if scheduler is not None:
@@ -2212,8 +2241,8 @@ def train_model(model, train_loader, val_loader, optimizer, criterion, device, n
         common = dict(model_state=_unwrap(model).state_dict(), epoch=epoch, **{f"best_{select_best_by}": best_value},
                       metrics=record, history=history, **(checkpoint_extras or {}))
         if improved:
-            save_checkpoint(checkpoint_dir / f"best_{architecture}_model_{run_name}.pth", **common)
-        save_checkpoint(checkpoint_dir / f"last_{architecture}_model_{run_name}.pth", **common,
+            save_checkpoint(config.checkpoint_path("best"), **common)
+        save_checkpoint(config.checkpoint_path("last"), **common,
                         optimizer_state=optimizer.state_dict(), stale_epochs=stale_epochs,
                         scheduler_state=scheduler.state_dict() if scheduler else None,
                         scaler_state=scaler.state_dict())
@@ -2291,6 +2320,8 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
                                                    config.patch_embedding)
     datasets, loaders = build_loaders(config, model_config, data_config)
     model = build_model(architecture_config).to(device)
+    if config.speed_up:
+        speed_up(model)
     n_params = count_parameters(model)
     if is_main_process():
         print(f"Run {config.run_name}: {config.model_size} on {config.dataset_name}, {config.epochs} epochs, "
@@ -2311,7 +2342,6 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
         counts = np.bincount(datasets["train"].labels, minlength=2)
         class_weights = torch.tensor(counts.sum() / (2.0 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=class_weights)
-    checkpoint_dir = Path(config.checkpoint_dir)
     last_path = config.checkpoint_path("last")
     state = None
     if config.resume and last_path.is_file():
@@ -2335,14 +2365,8 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
     wandb_run = init_wandb(config.run_name, extras, mode=config.wandb_mode) if is_main_process() else None
     try:
         started = time.perf_counter()
-        history = train_model(train_module, loaders["train"], loaders["val"], optimizer, criterion, device,
-                              config.epochs, config.run_name, config.dataset_name, scheduler=scheduler,
-                              checkpoint_dir=checkpoint_dir, grad_clip_norm=config.grad_clip_norm,
-                              mixed_precision=config.mixed_precision,
-                              early_stopping_patience=config.early_stopping_patience, seed=config.seed,
-                              select_best_by=config.select_best_by,
-                              wandb_run=wandb_run, state=state, checkpoint_extras=extras,
-                              progress=config.progress)
+        history = train_model(train_module, loaders["train"], loaders["val"], optimizer, criterion, device, config,
+                              scheduler=scheduler, wandb_run=wandb_run, state=state, checkpoint_extras=extras)
         training_seconds = time.perf_counter() - started   # every epoch with its validation
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # rank 0 has written the best checkpoint
@@ -2532,6 +2556,13 @@ def pool_file_scores(segments):
     if scored:
         files["p_fake"] = 1.0 / (1.0 + np.exp(files["score"]))
     return files
+
+
+def segment_losses(segments):
+    """Each segment's cross-entropy from its score = logit(real) - logit(fake): -log p(true class),
+    i.e. log(1 + e^score) for a fake and log(1 + e^-score) for a real one, computed without overflow."""
+    score = segments["score"].to_numpy(dtype=np.float64)
+    return pd.Series(np.logaddexp(0.0, np.where(segments["label"] == 1, score, -score)), index=segments.index)
 
 
 def metrics_report(segments):
@@ -2776,7 +2807,7 @@ def file_lfcc_frames(files, audio_dir, data_config=DataConfig(), max_frames_per_
     Returns (frames, skipped): skipped lists (original_path, reason) for each file that cannot be used."""
     rng = np.random.default_rng(seed)
     frames, skipped = {}, []
-    for path in tqdm(files["original_path"].unique(), desc="LFCC", disable=not progress, file=sys.stderr):
+    for path in tqdm(files["original_path"].unique(), desc="LFCC", disable=not progress):
         try:
             features = lfcc(normalized_clip(Path(audio_dir) / path, data_config), data_config.SR).T
         except (AudioError, ValueError) as error:
@@ -2850,8 +2881,8 @@ def lfcc_gmm_baseline(cache_dir, dataset_name, audio_dir=None, n_components=512,
 
 # ---------------------------------------------------------------- inference
 def load_model(checkpoint_path, device="cpu", architecture=None):
-    """AudioViT or AudioCNN rebuilt from a checkpoint's own config, in eval mode; returns (model,
-    checkpoint). With `architecture` ("vit" or "cnn"), a checkpoint of the other one is an error."""
+    """AudioViT or AudioCNN rebuilt from a checkpoint's own config, sped up (speed_up) and in eval
+    mode; returns (model, checkpoint). With `architecture` ("vit" or "cnn"), a checkpoint of the other one is an error."""
     checkpoint = load_checkpoint(checkpoint_path, device)
     saved = checkpoint.get("architecture", "vit")
     if f"{saved}_config" not in checkpoint or "model_state" not in checkpoint:
@@ -2864,7 +2895,7 @@ def load_model(checkpoint_path, device="cpu", architecture=None):
               f"scoring with the default data settings")
     model = build_model(ARCHITECTURE_CONFIGS[saved](**checkpoint[f"{saved}_config"])).to(device)
     model.load_state_dict(checkpoint["model_state"])
-    return model.eval(), checkpoint
+    return speed_up(model).eval(), checkpoint
 
 
 def verdict_threshold(checkpoint):
@@ -2915,6 +2946,26 @@ def score_audio_file(path, model, checkpoint, device="cpu", batch_size=32):
                    p_fake=1.0 / (1.0 + math.exp(file_score)), threshold=threshold,
                    threshold_source=threshold_source, verdict="fake" if file_score <= threshold else "real")
     return timeline, verdict
+
+
+def splice_recording(real_paths, fake_paths, min_seconds=60.0, data_config=DataConfig()):
+    """One recording of alternating real and fake clips (real first, each list used in turn and from
+    the start again when it runs out), each clip loudness-normalised, at least `min_seconds` long.
+    Returns (audio, stretches): one row per clip with start_s, end_s, label (0 real, 1 fake) and file."""
+    if not real_paths or not fake_paths:
+        raise ValueError(f"splice_recording needs real and fake clips, got {len(real_paths)} real and "
+                         f"{len(fake_paths)} fake")
+    clips, rows, total = [], [], 0.0
+    while total < min_seconds:
+        label = len(clips) % 2
+        paths = (real_paths, fake_paths)[label]
+        path = paths[len(clips) // 2 % len(paths)]
+        clip, _ = loudness_normalize(load_audio(path, data_config.SR), data_config.SR, data_config.LOUDNESS_LUFS)
+        seconds = len(clip) / data_config.SR
+        rows.append(dict(start_s=total, end_s=total + seconds, label=label, file=Path(path).name))
+        clips.append(clip)
+        total += seconds
+    return np.concatenate(clips), pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- plots
@@ -2991,7 +3042,7 @@ def plot_score_histograms(files, save_path=None, title="File-level scores"):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.linspace(files["score"].min(), files["score"].max(), 30)
     for label, name in enumerate(CLASS_NAMES):
-        ax.hist(files.loc[files["label"] == label, "score"], bins=bins, alpha=0.6, label=name)
+        ax.hist(files.loc[files["label"] == label, "score"], bins=bins, alpha=0.6, label=name, color=CLASS_COLORS[name])
     ax.axvline(0, color="k", ls=":", lw=1, label="p(fake) = 0.5")
     ax.set(xlabel="score = logit(real) - logit(fake)   (higher = more bona fide)", ylabel="files", title=title)
     ax.legend()
@@ -3020,13 +3071,16 @@ def plot_attention(spec, patch_weights, ax, vit_config, title=""):
     ax.set(xlabel="frame", ylabel="mel bin", title=title)
 
 
-def plot_timeline(audio, timeline, verdict, data_config=DataConfig(), save_path=None):
-    """Waveform, log-mel and the per-segment fake probability of one scored file, on one time axis."""
+def plot_timeline(audio, timeline, verdict, data_config=DataConfig(), save_path=None, stretches=None):
+    """Waveform, log-mel and the per-segment fake probability of one scored file, on one time axis.
+    `stretches` (start_s, end_s, label), where known, shades the true real and fake parts."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     seconds = len(audio) / data_config.SR
     fig, (wave_ax, spec_ax, prob_ax) = plt.subplots(3, 1, figsize=(10, 7), sharex=True,
                                                     gridspec_kw=dict(height_ratios=[1, 1.4, 1]))
-    wave_ax.plot(np.arange(len(audio)) / data_config.SR, audio, lw=0.3)
+    wave_ax.plot(np.arange(len(audio)) / data_config.SR, audio, lw=0.3, color="0.3")
     fake_from = 1.0 / (1.0 + math.exp(verdict["threshold"]))   # the verdict threshold as a probability
     wave_ax.set(ylabel="amplitude", title=f"{verdict['file']}: {verdict['verdict']} (p(fake) = {verdict['p_fake']:.3f}; "
                                           f"fake from {fake_from:.3f}, {verdict['threshold_source']})")
@@ -3034,9 +3088,19 @@ def plot_timeline(audio, timeline, verdict, data_config=DataConfig(), save_path=
     spec_ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", extent=[0, seconds, 0, mel.shape[0]])
     spec_ax.set(ylabel="mel bin")
     for row in timeline.itertuples():
-        prob_ax.hlines(row.p_fake, row.start_s, row.end_s, lw=4, color="C3" if row.p_fake >= fake_from else "C0")
+        called = CLASS_NAMES[int(row.p_fake >= fake_from)]
+        prob_ax.hlines(row.p_fake, row.start_s, row.end_s, lw=4, color=CLASS_COLORS[called])
     prob_ax.axhline(fake_from, color="k", ls=":", lw=1)
     prob_ax.set(xlabel="time (s)", ylabel="p(fake) per segment", ylim=(-0.05, 1.05), xlim=(0, seconds))
+    legend = [Line2D([], [], color=CLASS_COLORS[name], lw=4, label=f"segment called {name.lower()}")
+              for name in CLASS_NAMES] + [Line2D([], [], color="k", ls=":", lw=1, label="verdict threshold")]
+    if stretches is not None:
+        for row in stretches.itertuples():
+            for ax in (wave_ax, prob_ax):
+                ax.axvspan(row.start_s, row.end_s, color=CLASS_COLORS[CLASS_NAMES[row.label]], alpha=0.15, lw=0)
+        legend += [Patch(color=CLASS_COLORS[name], alpha=0.3, label=f"truly {name.lower()}") for name in CLASS_NAMES]
+    prob_ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    fig.tight_layout()
     if save_path:
         save_figure(fig, save_path)
     return fig
@@ -3144,6 +3208,52 @@ def show_progress():
     return os.environ.get("VIT_PROGRESS", "1") != "0"
 
 
+def _seed_list(text):
+    return [int(seed) for seed in text.split(",")]
+
+
+# Every notebook parameter: the environment variable that sets it, how to read it, and its default (the
+# fixture corpus and the fixture's training settings, so a notebook runs as it is under pytest --nbval).
+NOTEBOOK_PARAMETERS = {
+    "CORPUS": ("VIT_CORPUS", str, "folder"),            # folder | asvspoof2019_la | fake_or_real | in_the_wild
+    "AUDIO_DIR": ("VIT_AUDIO_DIR", str, str(FIXTURE_AUDIO_DIR)),
+    "CACHE_DIR": ("VIT_CACHE_DIR", str, str(DEFAULT_CACHE_DIR)),
+    "DATASET": ("VIT_DATASET", str, TrainingConfig.dataset_name),
+    "RESULTS_DIR": ("VIT_RESULTS_DIR", str, str(DEFAULT_RESULTS_DIR)),
+    "CHECKPOINT_DIR": ("VIT_CHECKPOINT_DIR", str, str(DEFAULT_CHECKPOINT_DIR)),
+    "SHOW_PROGRESS": ("VIT_PROGRESS", _parse_bool, "1"),
+    "NUM_WORKERS": ("VIT_PREP_WORKERS", lambda text: int(text) or None, "0"),   # None: one process per core
+    "SPEAKER_PATTERN": ("VIT_SPEAKER_PATTERN", lambda text: text or None, ""),  # e.g. r"^(spk\d+)_"
+    "MODEL_SIZE": ("VIT_MODEL_SIZE", str, "ViT_Small"),
+    "CNN_SIZE": ("VIT_CNN_SIZE", str, "CNN_Small"),
+    "EPOCHS": ("VIT_EPOCHS", int, "6"),                  # the fixture needs few; real corpora: TrainingConfig.epochs
+    "BATCH_SIZE": ("VIT_BATCH_SIZE", int, "16"),
+    "LEARNING_RATE": ("VIT_LEARNING_RATE", float, str(TrainingConfig.learning_rate)),
+    "SEEDS": ("VIT_SEEDS", _seed_list, "42"),
+    "AUDIO_FILE": ("VIT_AUDIO_FILE", str, ""),           # empty: a test-split file of the prepared dataset
+    "GMM_COMPONENTS": ("VIT_GMM_COMPONENTS", int, "32"),  # ASVspoof 2019 used 512; the fixture is tiny
+    "GMM_MAX_FRAMES": ("VIT_GMM_MAX_FRAMES", int, "20000"),
+}
+
+
+def notebook_parameters(*names):
+    """The values of the named notebook parameters, in order: each from its environment variable
+    (NOTEBOOK_PARAMETERS), else its default. Papermill can still set any of them by name, as its
+    injected cell runs after the parameters cell."""
+    unknown = [name for name in names if name not in NOTEBOOK_PARAMETERS]
+    if unknown:
+        raise ValueError(f"Unknown notebook parameter(s) {unknown}; choose from {sorted(NOTEBOOK_PARAMETERS)}")
+    values = []
+    for name in names:
+        variable, parse, default = NOTEBOOK_PARAMETERS[name]
+        text = os.environ.get(variable, default)
+        try:
+            values.append(parse(text))
+        except ValueError as error:
+            raise ValueError(f"{variable}={text!r} cannot be read for {name}: {error}") from None
+    return tuple(values)
+
+
 def check_output_path(path):
     """Fail before any work is done when no file can be written at `path`."""
     path = Path(path)
@@ -3179,7 +3289,7 @@ def score_files(checkpoint_path, inputs, output, progress=True):
     model, checkpoint = load_model(checkpoint_path)
     ids = score_file_ids([relative for _, relative in files])
     lines, failures = [], []
-    for (path, _), file_id in tqdm(list(zip(files, ids)), desc="Scoring", file=sys.stderr, disable=not progress):
+    for (path, _), file_id in tqdm(list(zip(files, ids)), desc="Scoring", disable=not progress):
         try:
             _, verdict = score_audio_file(path, model, checkpoint)
         except Exception as error:   # one bad file must not end a long run

@@ -52,7 +52,7 @@ def measure(task, path, warm_up):
     import vit_lib
     data_config = vit_lib.DataConfig()
     model_config = vit_lib.ALL_MODEL_CONFIGS["vit_balanced_dataset"]
-    model = vit_lib.AudioViT(config=vit_lib.ViT_Small).eval()
+    model = vit_lib.speed_up(vit_lib.AudioViT(config=vit_lib.ViT_Small)).eval()
     checkpoint = dict(model_config=model_config.as_dict(), data_config=vit_lib.data_settings(data_config))
     out_dir = Path(path).parent / f"{task}_npy"
 

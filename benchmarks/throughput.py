@@ -1,10 +1,10 @@
 """Training and inference throughput of AudioViT against a plain reference, and data-loader throughput.
 
-For every model size: the model as the project trains it (AudioViT(config): attention through
-scaled_dot_product_attention where that is faster, vit_lib.fast_dropout's CPU mask, fp32) and,
-optionally, that model under torch.compile or CUDA autocast, each against a plain reference of the
-same architecture with the same weights: AudioViT(config, fast=False) (einsum/softmax attention,
-torch's nn.Dropout, fp32, no compile).
+For every model size: the model as the project trains it (vit_lib.speed_up(AudioViT(config)):
+attention through scaled_dot_product_attention where that is faster, vit_lib.fast_dropout's CPU mask,
+fp32) and, optionally, that model under torch.compile or CUDA autocast, each against the plain model
+of the same architecture with the same weights: AudioViT(config) as written (matmul/softmax
+attention, torch's nn.Dropout, fp32, no compile).
 Train = forward + cross-entropy + backward + Adam step; infer = no_grad forward in eval mode.
 Each figure is the median over --repeats timings of --iters (training) or --infer-iters steps,
 after --warmup steps.
@@ -119,7 +119,7 @@ PROJECT = "AudioViT fp32"
 def variants_for(args, device):
     """(name, fast, compile, autocast dtype, dropout); the reference comes first.
     dropout None keeps the config's; the --dropout-diagnostic row is not the training recipe."""
-    rows = [("reference (einsum, nn.Dropout, fp32)", False, False, None, None), (PROJECT, True, False, None, None)]
+    rows = [("reference (plain AudioViT, fp32)", False, False, None, None), (PROJECT, True, False, None, None)]
     if args.compile:
         rows.append((f"{PROJECT} + torch.compile", True, True, None, None))
     if device.type == "cuda" and not args.no_amp:
@@ -145,7 +145,8 @@ def bench_model_size(size, args, device, peak):
         variant_config = copy.copy(config)
         if dropout is not None:
             variant_config.dropout = variant_config.emb_dropout = dropout
-        models.append(vit_lib.AudioViT(config=variant_config, fast=fast).to(device))
+        model = vit_lib.AudioViT(config=variant_config)
+        models.append((vit_lib.speed_up(model) if fast else model).to(device))
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())  # identical weights
     runners = [torch.compile(m) if variant[2] else m for m, variant in zip(models, variants)]

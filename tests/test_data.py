@@ -978,6 +978,19 @@ def test_make_fixture_corpus_is_deterministic(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def test_fixture_fakes_keep_their_real_twins_bandwidth_noise_floor_and_dc_offset(tmp_path):
+    # The fakes differ in their excitation only, so no one-number trace of the recording chain may
+    # tell them apart (the roll-off, a median over frames, moves either way with the noise draws).
+    root = make_fixture_corpus(tmp_path / "fixture", n_speakers=2, clips_per_speaker=2)
+    for real in sorted((root / "real").glob("spk*_real_*.wav")):
+        fake, = root.glob(f"fake/*/{real.name.replace('_real_', '_fake_')}")
+        real_facts, fake_facts = (vit_lib.recording_facts(*sf.read(path)) for path in (real, fake))
+        assert fake_facts["high_band_energy_ratio"] == pytest.approx(real_facts["high_band_energy_ratio"],
+                                                                     rel=0.2, abs=0.005), fake
+        assert fake_facts["noise_floor_db"] == pytest.approx(real_facts["noise_floor_db"], abs=2.0), fake
+        assert fake_facts["dc_offset"] == pytest.approx(real_facts["dc_offset"], abs=1e-3), fake
+
+
 def test_fixture_corpus_prepares_with_both_classes_in_every_split(tmp_path):
     root = make_fixture_corpus(tmp_path / "fixture", n_speakers=8, clips_per_speaker=2)
     summary, audit, skipped = prepare(root, tmp_path / "cache")

@@ -1,5 +1,6 @@
 """Unit tests of the model side of vit_lib: configurations, the ViT and the
 evaluation metrics. No training here; see test_training.py."""
+import copy
 import math
 
 import numpy as np
@@ -165,33 +166,36 @@ def test_return_attention_gives_one_row_stochastic_map_per_layer(tiny_attention_
         torch.testing.assert_close(weights.sum(dim=-1), torch.ones(2, config.heads, n), atol=1e-6, rtol=0)
 
 
-def test_fast_model_equals_reference_formulation_on_same_weights():
+def test_sped_up_model_equals_the_plain_model_on_same_weights():
     torch.manual_seed(0)
-    plain = AudioViT(config=vit_lib.ViT_Small, fast=False).eval()
-    fused = AudioViT(config=vit_lib.ViT_Small, fast=True).eval()
-    fused.load_state_dict(plain.state_dict())
-    assert all(layer[0].fn.fast for layer in fused.transformer.layers)
-    assert not any(layer[0].fn.fast for layer in plain.transformer.layers)
+    plain = AudioViT(config=vit_lib.ViT_Small).eval()
+    fused = vit_lib.speed_up(copy.deepcopy(plain))
+    assert fused.state_dict().keys() == plain.state_dict().keys()
     dropouts = [type(m) for m in plain.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(dropouts) == 1 + 4 * vit_lib.ViT_Small.depth and set(dropouts) == {torch.nn.Dropout}
-    assert {type(m) for m in fused.modules() if isinstance(m, torch.nn.Dropout)} == {vit_lib.Dropout}
+    assert {type(m) for m in fused.modules() if isinstance(m, torch.nn.Dropout)} == {vit_lib.FastDropout}
+    assert {type(layer[0].fn) for layer in fused.transformer.layers} == {vit_lib.FusedAttention}
+    assert {type(layer[0].fn) for layer in plain.transformer.layers} == {vit_lib.Attention}
     x = torch.randn(2, 1, 128, 256)
     with torch.no_grad():
         expected, fused_out = plain(x), fused(x)
-        with_maps, _ = fused(x, return_attention=True)   # the einsum path inside the fused model
+        with_maps, _ = fused(x, return_attention=True)   # the plain path inside the sped-up model
     torch.testing.assert_close(fused_out, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(with_maps, expected, atol=1e-5, rtol=0)
 
 
-def test_fused_attention_module_equals_einsum_formula():
+def test_attention_modules_equal_the_formula_written_out():
     torch.manual_seed(0)
-    attention = vit_lib.Attention(32, heads=4, dim_head=8, fast=True).eval()
+    attention = vit_lib.Attention(32, heads=4, dim_head=8).eval()
     x = torch.randn(3, 7, 32)
     q, k, v = (t.reshape(3, 7, 4, 8).transpose(1, 2) for t in attention.to_qkv(x).chunk(3, dim=-1))
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
     expected = attention.to_out((weights @ v).transpose(1, 2).reshape(3, 7, 32))
     with torch.no_grad():
-        torch.testing.assert_close(attention(x), expected, atol=1e-5, rtol=0)
+        out, maps = attention(x, return_attention=True)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(maps, weights, atol=1e-6, rtol=0)
+        torch.testing.assert_close(vit_lib.speed_up(attention)(x), expected, atol=1e-5, rtol=0)
 
 
 def test_fast_dropout_zeroes_a_fraction_p_and_rescales_the_rest():
@@ -227,10 +231,10 @@ def test_fast_dropout_is_identity_when_off_and_reproducible_under_a_seed():
     assert vit_lib.fast_dropout(odd_shape, 0.5).shape == (3, 5, 7)
 
 
-def test_fast_model_trains_on_cpu_without_sdpa_and_evaluates_with_it():
+def test_sped_up_model_trains_on_cpu_without_sdpa_and_evaluates_with_it():
     torch.manual_seed(0)
     config = ViTConfig("t", (32, 64), **TINY)
-    model = AudioViT(config=config)
+    model = vit_lib.speed_up(AudioViT(config=config))
     attention, x = model.transformer.layers[0][0].fn, torch.randn(2, 9, config.dim)
     assert not attention.uses_sdpa(x, return_attention=False)      # dropout on CPU: our mask
     assert attention.eval().uses_sdpa(x, return_attention=False)

@@ -132,9 +132,10 @@ def run_epochs(tmp_path, select_best_by, val_batches):
     loader = torch.utils.data.DataLoader(dataset, batch_size=4)
     model = Scripted()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    config = vit_lib.TrainingConfig(epochs=len(val_batches), run_name="scripted", checkpoint_dir=str(tmp_path),
+                                    progress=False, select_best_by=select_best_by)
     return vit_lib.train_model(model, loader, loader, optimizer, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
-                               len(val_batches), "scripted", "none", checkpoint_dir=tmp_path, progress=False,
-                               select_best_by=select_best_by)
+                               config)
 
 
 def logits(fake_minus_real):
@@ -155,5 +156,5 @@ def test_best_epoch_by_val_eer_ignores_a_higher_f1_at_the_fixed_threshold(tmp_pa
 
 
 def test_an_unknown_selection_metric_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="select_best_by must be 'val_f1' or 'val_eer'"):
+    with pytest.raises(ValueError, match=r"select_best_by must be one of \('val_f1', 'val_eer'\)"):
         run_epochs(tmp_path, "val_auc", [torch.zeros(4, 2)])

@@ -216,6 +216,10 @@ def test_make_test_keeps_nbval_strict():
     recipe = subprocess.run(["make", "-n", "test"], capture_output=True, text=True, cwd=REPO, check=True).stdout
     command = next(line for line in recipe.splitlines() if "pytest" in line)
     assert "tests notebooks --nbval" in command and "--nbval-lax" not in command
+    # the one sanitizing rule hides embedded audio samples and nothing else
+    assert "--nbval-sanitize-with nbval_sanitize.cfg" in command
+    rules = [line for line in (REPO / "nbval_sanitize.cfg").read_text().splitlines() if line.startswith("regex:")]
+    assert rules == ["regex: data:audio/wav;base64,[A-Za-z0-9+/=]+"]
 
 
 # ---------------------------------------------------------------- JupyterLab and installation (item 15)
