@@ -18,8 +18,8 @@ The notebook is copied to OUT/work/ and only the copy is opened, so JupyterLab's
 touches the committed notebook. `jupyter lab` from this venv serves that folder on a free local port
 with a random token, with a fresh JupyterLab profile in OUT/lab-profile/ and its log in
 OUT/jupyterlab.log; the kernel gets VIT_DEVICE=cpu. After Run > Run All Cells has finished, OUT/01.png
-shows the top of the page and OUT/02.png, 03.png, ... one window height further down each. The
-summary lists cells run, figures, widget progress bars and error outputs. Exit status: 0 when no
+shows the top of the page and OUT/02.png, 03.png, ... one window height further down each;
+OUT/progress.png catches the first widget progress bar while it runs. The summary lists cells run, figures, widget progress bars and error outputs. Exit status: 0 when no
 output went to stderr, 1 when one did (a traceback, a warning, a plain tqdm bar), 2 when the run
 itself failed.
 """
@@ -135,12 +135,12 @@ def main() -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     notebook = work_dir / args.notebook.name
     shutil.copyfile(args.notebook, notebook)
-    for old in out_dir.glob("[0-9][0-9].png"):  # a shorter run must not leave pages of an older one
-        old.unlink()
+    for old in [*out_dir.glob("[0-9][0-9].png"), out_dir / "progress.png"]:  # none left from an older run
+        old.unlink(missing_ok=True)
     try:
         with jupyter_lab(work_dir, out_dir / "lab-profile", out_dir / "jupyterlab.log") as server, \
                 headless_chromium(chromium, chromedriver) as driver:
-            state = run_notebook(driver, server, notebook.name)
+            state = run_notebook(driver, server, notebook.name, out_dir / "progress.png")
             screenshots = take_screenshots(driver, out_dir)
     except ScreenshotError as error:
         fail(str(error))
@@ -251,8 +251,9 @@ def headless_chromium(chromium: str, chromedriver: str):
         driver.quit()
 
 
-def run_notebook(driver, server: Server, name: str) -> dict:
-    """Open the notebook, wait for its kernel, Run All Cells, and return the page state once done."""
+def run_notebook(driver, server: Server, name: str, progress_path: Path) -> dict:
+    """Open the notebook, wait for its kernel, Run All Cells, and return the page state once done,
+    with the most progress bars seen at once while it ran (saved to `progress_path` when first seen)."""
     driver.get(f"{server.base_url}/lab/tree/{urllib.parse.quote(name)}?token={server.token}")
     # The kernel's state comes from the server: the notebook toolbar's indicator says "idle" even
     # before the kernel has started.
@@ -261,10 +262,16 @@ def run_notebook(driver, server: Server, name: str) -> dict:
     click_run_all_cells(driver)
 
     started = time.monotonic()
-    quiet_polls = 0
+    quiet_polls = most_bars = 0
 
     def finished(state) -> bool:
-        nonlocal quiet_polls
+        nonlocal quiet_polls, most_bars
+        # tqdm bars with leave=False (the epoch bars) vanish when done: catch them while they run
+        if state["progressBars"] > most_bars:
+            most_bars = state["progressBars"]
+            bar = driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output .widget-hprogress")[-1]
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", bar)
+            driver.save_screenshot(str(progress_path))
         busy = kernel_state(server, name) != "idle" or "[*]:" in state["prompts"]
         quiet_polls = 0 if busy else quiet_polls + 1
         has_run = any(prompt[1:-2].isdigit() for prompt in state["prompts"])
@@ -272,7 +279,8 @@ def run_notebook(driver, server: Server, name: str) -> dict:
             raise ScreenshotError("Run All Cells did not start any cell")
         return has_run and quiet_polls >= QUIET_POLLS
 
-    return poll(driver, RUN_TIMEOUT_S, "Run All Cells to finish", finished)
+    state = poll(driver, RUN_TIMEOUT_S, "Run All Cells to finish", finished)
+    return {**state, "progressBarsWhileRunning": most_bars}
 
 
 def kernel_state(server: Server, name: str):
@@ -332,7 +340,8 @@ def print_summary(notebook: Path, state: dict, screenshots: list) -> int:
     run = sum(prompt[1:-2].isdigit() for prompt in prompts)
     print(f"{notebook}: {run} of {len(prompts)} code cells run")
     print(f"figures: {state['figures']}, widget outputs: {state['widgets']}, "
-          f"widget progress bars: {state['progressBars']}")
+          f"widget progress bars: {state['progressBars']} at the end, "
+          f"up to {state['progressBarsWhileRunning']} at once while running")
     problems = [describe_stderr(text) for text in state["stderr"]]
     problems += ["widget failed to display"] * state["brokenWidgets"]
     print(f"error outputs: {len(problems)}")
