@@ -1946,7 +1946,18 @@ def conv_bn(in_channels, out_channels, kernel_size, stride=1):
                          nn.BatchNorm2d(out_channels))
 
 
-class BasicBlock(nn.Module):
+def shortcut(in_channels, out_channels, stride):
+    """A residual block's input path: the input itself, or a 1x1 projection when the block changes its shape."""
+    return (nn.Identity() if stride == 1 and in_channels == out_channels
+            else conv_bn(in_channels, out_channels, 1, stride))
+
+
+class ResidualBlock(nn.Module):
+    def forward(self, x):
+        return F.relu(self.residual(x) + self.shortcut(x))
+
+
+class BasicBlock(ResidualBlock):
     """Two 3x3 convolutions plus the input (projected by a 1x1 convolution when the shape changes)."""
     expansion = 1
 
@@ -1954,14 +1965,10 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.residual = nn.Sequential(conv_bn(in_channels, width, 3, stride), nn.ReLU(inplace=True),
                                       conv_bn(width, width, 3))
-        self.shortcut = (nn.Identity() if stride == 1 and in_channels == width
-                         else conv_bn(in_channels, width, 1, stride))
-
-    def forward(self, x):
-        return F.relu(self.residual(x) + self.shortcut(x))
+        self.shortcut = shortcut(in_channels, width, stride)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(ResidualBlock):
     """1x1 down to `width`, 3x3 at `width`, 1x1 up to 4 x width: deeper for the same parameters."""
     expansion = 4
 
@@ -1971,11 +1978,7 @@ class BottleneckBlock(nn.Module):
         self.residual = nn.Sequential(conv_bn(in_channels, width, 1), nn.ReLU(inplace=True),
                                       conv_bn(width, width, 3, stride), nn.ReLU(inplace=True),
                                       conv_bn(width, out_channels, 1))
-        self.shortcut = (nn.Identity() if stride == 1 and in_channels == out_channels
-                         else conv_bn(in_channels, out_channels, 1, stride))
-
-    def forward(self, x):
-        return F.relu(self.residual(x) + self.shortcut(x))
+        self.shortcut = shortcut(in_channels, out_channels, stride)
 
 
 class AudioCNN(nn.Module):
@@ -2950,7 +2953,7 @@ def score_audio_file(path, model, checkpoint, device="cpu", batch_size=32):
 
 def splice_recording(real_paths, fake_paths, min_seconds=60.0, data_config=DataConfig()):
     """One recording of alternating real and fake clips (real first, each list used in turn and from
-    the start again when it runs out), each clip loudness-normalised, at least `min_seconds` long.
+    the start again when it runs out), each clip as normalized_clip reads it, at least `min_seconds` long.
     Returns (audio, stretches): one row per clip with start_s, end_s, label (0 real, 1 fake) and file."""
     if not real_paths or not fake_paths:
         raise ValueError(f"splice_recording needs real and fake clips, got {len(real_paths)} real and "
@@ -2960,7 +2963,7 @@ def splice_recording(real_paths, fake_paths, min_seconds=60.0, data_config=DataC
         label = len(clips) % 2
         paths = (real_paths, fake_paths)[label]
         path = paths[len(clips) // 2 % len(paths)]
-        clip, _ = loudness_normalize(load_audio(path, data_config.SR), data_config.SR, data_config.LOUDNESS_LUFS)
+        clip = normalized_clip(path, data_config)
         seconds = len(clip) / data_config.SR
         rows.append(dict(start_s=total, end_s=total + seconds, label=label, file=Path(path).name))
         clips.append(clip)
@@ -3203,9 +3206,13 @@ def training_field_type(item):
     return {"int": int, "float": float, "bool": _parse_bool}.get(str(item.type).split(" ")[0], str)
 
 
+def _progress_on(text):
+    return text != "0"
+
+
 def show_progress():
     """Progress bars unless VIT_PROGRESS=0 (the test session sets it: their redraws depend on timing)."""
-    return os.environ.get("VIT_PROGRESS", "1") != "0"
+    return _progress_on(os.environ.get("VIT_PROGRESS", "1"))
 
 
 def _seed_list(text):
@@ -3221,7 +3228,7 @@ NOTEBOOK_PARAMETERS = {
     "DATASET": ("VIT_DATASET", str, TrainingConfig.dataset_name),
     "RESULTS_DIR": ("VIT_RESULTS_DIR", str, str(DEFAULT_RESULTS_DIR)),
     "CHECKPOINT_DIR": ("VIT_CHECKPOINT_DIR", str, str(DEFAULT_CHECKPOINT_DIR)),
-    "SHOW_PROGRESS": ("VIT_PROGRESS", _parse_bool, "1"),
+    "SHOW_PROGRESS": ("VIT_PROGRESS", _progress_on, "1"),               # 0 turns the bars off
     "NUM_WORKERS": ("VIT_PREP_WORKERS", lambda text: int(text) or None, "0"),   # None: one process per core
     "SPEAKER_PATTERN": ("VIT_SPEAKER_PATTERN", lambda text: text or None, ""),  # e.g. r"^(spk\d+)_"
     "MODEL_SIZE": ("VIT_MODEL_SIZE", str, "ViT_Small"),
