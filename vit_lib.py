@@ -253,6 +253,10 @@ class TrainingConfig:
     warmup_epochs: float = 2.0
     class_balance: str = "balanced_sampler"   # "none", "weighted_loss" or "balanced_sampler"
     grad_clip_norm: float | None = 1.0
+    # Speaker and channel augmentation of the training segments (see speaker_channel_augment): with few
+    # recorded persons in train, a model otherwise learns "these voices are real".
+    frequency_warp: float = 0.15
+    equalizer_db: float = 10.0
     # "conv": tokens from 3x3 convolutions (see conv_patch_embedding); "linear": vit-pytorch's
     # flattened patch and linear layer, the original notebook's.
     patch_embedding: str = "conv"
@@ -268,10 +272,11 @@ class TrainingConfig:
     @classmethod
     def original(cls, **overrides):
         """The original notebook's recipe: Adam at 1e-4, constant rate, plain cross-entropy, 8 s
-        segments, linear patch embedding, best epoch by validation F1."""
+        segments, linear patch embedding, SpecAugment without the speaker and channel augmentation,
+        best epoch by validation F1."""
         recipe = dict(dataset_name="vit_balanced_dataset", epochs=10, learning_rate=1e-4, optimizer="adam",
                       weight_decay=0.0, lr_schedule="constant", class_balance="none", grad_clip_norm=None,
-                      patch_embedding="linear", select_best_by="val_f1")
+                      patch_embedding="linear", select_best_by="val_f1", frequency_warp=0.0, equalizer_db=0.0)
         return cls(**{**recipe, **overrides})
 
     def __post_init__(self):
@@ -286,6 +291,9 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.frequency_warp < 1 or self.equalizer_db < 0:
+            raise ValueError(f"frequency_warp must be in [0, 1) and equalizer_db >= 0, got "
+                             f"{self.frequency_warp} and {self.equalizer_db}")
         # patience 0 would train nothing; a clip norm of 0 would be ignored and a negative one flips gradients
         for name in ("grad_clip_norm", "early_stopping_patience"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
@@ -1419,6 +1427,24 @@ def _read_journal(path):
     return done
 
 
+# Settings that act while training (augmentation), not on the prepared spectrograms: changing them
+# needs no new preparation.
+TRAINING_ONLY_SETTINGS = ("NUM_TIME_MASKS", "NUM_FREQ_MASKS", "TIME_MASK_MAX_WIDTH", "FREQ_MASK_MAX_WIDTH",
+                          "USE_RANDOM_CROPPING")
+
+
+def _without_training_only(settings):
+    return {k: v for k, v in settings.items() if k not in TRAINING_ONLY_SETTINGS}
+
+
+def _written_settings(settings_path):
+    """preparation.json as prepare_dataset compares it (files written before the training-only
+    settings were left out still match)."""
+    written = json.loads(settings_path.read_text())
+    written["data_config"] = _without_training_only(written["data_config"])
+    return written
+
+
 def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="folder",
                     cache_dir=DataConfig.CACHE_DIR, data_config=DataConfig(), num_workers=None,
                     speaker_pattern=None, split_fractions=(0.7, 0.15, 0.15), progress=True):
@@ -1435,11 +1461,12 @@ def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="fo
     if files.empty:
         raise ValueError(f"No usable audio files found in {corpus_root} (corpus layout {corpus!r})")
     out_dir = Path(cache_dir) / dataset_name
-    settings = dict(corpus=corpus, corpus_root=str(corpus_root.resolve()), data_config=asdict(data_config),
+    settings = dict(corpus=corpus, corpus_root=str(corpus_root.resolve()),
+                    data_config=_without_training_only(asdict(data_config)),
                     model_config=model_config.as_dict(), split_fractions=list(split_fractions))
     settings["data_config"].pop("CACHE_DIR")
     settings_path = out_dir / "preparation.json"
-    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+    if settings_path.is_file() and _written_settings(settings_path) != settings:
         raise ValueError(f"{settings_path} was written with other settings; delete {out_dir} "
                          f"or choose another cache_dir to prepare this corpus anew")
     split_by_speaker = files["split"].isna().any() and files["speaker"].notna().all()
@@ -1688,6 +1715,29 @@ def spec_augment(spec, data_config=DataConfig(), generator=None):
     return spec
 
 
+def speaker_channel_augment(spec, frequency_warp=0.0, equalizer_db=0.0, generator=None):
+    """A (1, rows, frames) dB spectrogram as another speaker through another channel might give it:
+    row i takes the value at row i / warp, with warp drawn within 1 +- frequency_warp (a shorter or
+    longer vocal tract; rows beyond the top repeat it), plus a smooth tilt across the rows, the sum of
+    three cosines, at most equalizer_db in all (another microphone or line). Both classes get the same,
+    so a detector cannot lean on a voice's or a channel's colour, only on what synthesis leaves."""
+    _, rows, _ = spec.shape
+    position = torch.arange(rows, dtype=spec.dtype)
+    if frequency_warp:
+        warp = 1 + frequency_warp * (2 * torch.rand(1, generator=generator) - 1)
+        source = (position / warp).clamp(max=rows - 1)
+        below = source.floor().long()
+        above = (below + 1).clamp(max=rows - 1)
+        weight = (source - below)[:, None]
+        spec = spec[:, below] * (1 - weight) + spec[:, above] * weight
+    if equalizer_db:
+        amplitudes = (2 * torch.rand(3, generator=generator) - 1) / 3
+        harmonics = torch.arange(1, 4, dtype=spec.dtype)[:, None]
+        tilt = (amplitudes[:, None] * torch.cos(math.pi * harmonics * position / (rows - 1))).sum(0)
+        spec = spec + equalizer_db * tilt[:, None]
+    return spec
+
+
 def random_time_crop(spec, max_frames, generator=None):
     """A random `max_frames` window of the time axis; when the input is exactly that long, a random
     circular shift (crop at a random offset, wrap the rest), so no padding is introduced."""
@@ -1708,12 +1758,16 @@ class AudioDataset(Dataset):
     """
 
     def __init__(self, cache_dir, set_type, n_mels=DataConfig.N_MELS, max_frames_spec=256, augment=False,
-                 data_config=DataConfig(), dataset_name=None):
+                 data_config=DataConfig(), dataset_name=None, frequency_warp=0.0, equalizer_db=0.0):
         root = Path(cache_dir) / dataset_name if dataset_name else Path(cache_dir)
         self.split_dir = root / set_type
         self.metadata = read_metadata(self.split_dir)
         self.n_mels, self.max_frames_spec = n_mels, max_frames_spec
         self.augment, self.data_config = augment, data_config
+        if augment and data_config.FEATURE == "lfcc" and (frequency_warp or equalizer_db):
+            raise ValueError("TrainingConfig.frequency_warp and equalizer_db act on spectral rows; cepstra "
+                             "(DataConfig.FEATURE='lfcc') have none: set both to 0")
+        self.frequency_warp, self.equalizer_db = frequency_warp, equalizer_db
         self.norm_stats = None
         if data_config.USE_GLOBAL_NORMALIZATION:
             stats_path = root / "normalization.json"
@@ -1756,6 +1810,7 @@ class AudioDataset(Dataset):
         # pad (-80 dB) or crop to max_frames_spec; a crop of a shorter spectrogram stays short
         spec = torch.from_numpy(fit_frames(spec.numpy(), self.max_frames_spec, self.data_config.fill_value))
         if self.augment:
+            spec = speaker_channel_augment(spec, self.frequency_warp, self.equalizer_db)
             spec = spec_augment(spec, self.data_config)
         mean, std = self.norm_stats or (None, None)
         spec = normalize_spectrogram(spec, mean, std, self.data_config.NORM_EPSILON)
@@ -2287,7 +2342,8 @@ def build_loaders(config: TrainingConfig, model_config, data_config=DataConfig()
     data_root = Path(config.cache_dir) / config.dataset_name
     datasets = {split: AudioDataset(data_root, split, data_config.N_MELS, model_config.max_frames_spec,
                                     augment=split == "train" and model_config.apply_augmentation,
-                                    data_config=data_config) for split in SPLITS}
+                                    data_config=data_config, frequency_warp=config.frequency_warp,
+                                    equalizer_db=config.equalizer_db) for split in SPLITS}
     distributed = torch.distributed.is_initialized()
     if distributed and config.class_balance == "balanced_sampler":
         raise ValueError("class_balance='balanced_sampler' is not supported with torchrun; use 'weighted_loss'")

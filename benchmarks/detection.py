@@ -9,6 +9,8 @@ Prepares the corpus once (cached), trains each model size once per seed with the
     .venv/bin/python benchmarks/detection.py --models ViT_Small CNN_Small --gmm
     .venv/bin/python benchmarks/detection.py --original --seeds 42  # the original recipe, for comparison
     .venv/bin/python benchmarks/detection.py --set patch_embedding=linear --name linear_patches   # one change
+    .venv/bin/python benchmarks/detection.py --merge results/demo_corpus/augmentation/exp_aug_strong_s4{2,3,4}.json
+    .venv/bin/python benchmarks/detection.py --data FEATURE=linear --cache-dir data/demo_linear --name linear_frontend
 """
 from __future__ import annotations
 
@@ -28,14 +30,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vit_lib  # noqa: E402
 
 
-def train_and_score(config):
+def train_and_score(config, data_config):
     """One run: train, then the best checkpoint's file-level test scores and its training time."""
     started = time.perf_counter()
-    vit_lib.run_training(config)
+    vit_lib.run_training(config, data_config)
     seconds = time.perf_counter() - started
     model, _ = vit_lib.load_model(config.checkpoint_path())
-    segments = vit_lib.score_split(model, config.cache_dir, config.dataset_name, "test")
+    segments = vit_lib.score_split(model, config.cache_dir, config.dataset_name, "test", data_config=data_config)
     return vit_lib.pool_file_scores(segments), seconds
+
+
+def parsed_fields(dataclass, assignments):
+    """{field: value} from "FIELD=VALUE" texts, each value parsed as the dataclass field's type."""
+    types = {item.name: vit_lib.training_field_type(item) for item in fields(dataclass)}
+    changes = dict(item.split("=", 1) for item in assignments)
+    unknown = sorted(set(changes) - set(types))
+    if unknown:
+        raise SystemExit(f"unknown {dataclass.__name__} field(s) {unknown}")
+    return {name: types[name](value) for name, value in changes.items()}
 
 
 def eer_row(name, seed, files, seconds):
@@ -76,14 +88,22 @@ def main():
     parser.add_argument("--gmm-components", type=int, default=64)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="TrainingConfig fields to change, e.g. patch_embedding=linear learning_rate=1e-3")
+    parser.add_argument("--data", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="DataConfig fields to change, e.g. TIME_MASK_MAX_WIDTH=30 "
+                             "(a front-end change needs its own --cache-dir)")
     parser.add_argument("--name", default=None, help="output file stem (default: detection[_original])")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="train nothing: merge these result files of one recipe into <out>/<name>.{json,md}")
     args = parser.parse_args()
     out = Path(args.out)
-    changes = dict(item.split("=", 1) for item in args.set)
-    types = {item.name: vit_lib.training_field_type(item) for item in fields(vit_lib.TrainingConfig)}
-    changes = {name: types[name](value) for name, value in changes.items()}
-    recipe = (vit_lib.TrainingConfig.original if args.original else vit_lib.TrainingConfig)(**changes)
-    vit_lib.prepare_dataset(args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, progress=False)
+    if args.merge:
+        write_report(out, args.name or "detection", merged_record(args.merge))
+        return
+    recipe = (vit_lib.TrainingConfig.original if args.original else vit_lib.TrainingConfig)(
+        **parsed_fields(vit_lib.TrainingConfig, args.set))
+    data_config = vit_lib.DataConfig(**parsed_fields(vit_lib.DataConfig, args.data))
+    vit_lib.prepare_dataset(args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, data_config,
+                            progress=False)
     dataset_dir = Path(args.cache_dir) / recipe.dataset_name
     rows, test_files = [], None
     for model_size in args.models:
@@ -95,7 +115,7 @@ def main():
             if args.epochs:
                 overrides["epochs"] = args.epochs
             config = vit_lib.TrainingConfig(**{**asdict(recipe), **overrides})
-            test_files, seconds = train_and_score(config)
+            test_files, seconds = train_and_score(config, data_config)
             rows.append(eer_row(model_size, seed, test_files, seconds))
             print(json.dumps(rows[-1]), flush=True)
     if args.gmm:
@@ -106,22 +126,44 @@ def main():
     metadata = vit_lib.read_dataset_metadata(dataset_dir)
     train_files = vit_lib.pool_file_scores(metadata[metadata["split"] == "train"])
     audit = vit_lib.shortcut_audit(train_files, test_files, dataset_dir=dataset_dir)
-    table = summary_table(rows)
-    mean_eer = pd.DataFrame(rows).groupby("model", sort=False)["pooled"].mean()
-    verdicts = {model: vit_lib.audit_verdict(audit, eer) for model, eer in mean_eer.items()}
     folders = ("cache_dir", "results_dir", "checkpoint_dir", "run_name")   # per machine and per run
     record = dict(recipe={k: v for k, v in asdict(recipe).items() if k not in folders},
+                  data=vit_lib.data_settings(data_config),
                   corpus=vit_lib.display_path(args.corpus_dir), runs=rows, audit=audit.to_dict("records"),
-                  verdicts=verdicts, machine=dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                                                  platform=platform.platform(), torch=torch.__version__))
-    name = args.name or ("detection_original" if args.original else "detection")
+                  machine=dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                               platform=platform.platform(), torch=torch.__version__))
+    write_report(out, args.name or ("detection_original" if args.original else "detection"), record)
+
+
+def merged_record(paths):
+    """One record from the result files of separate invocations (e.g. one seed each) of one recipe on
+    one corpus: their runs together, each machine it ran on."""
+    records = [json.loads(Path(path).read_text()) for path in paths]
+    for path, record in zip(paths[1:], records[1:]):
+        for key in ("recipe", "data", "corpus", "audit"):
+            if record.get(key) != records[0].get(key):
+                raise SystemExit(f"{path}: its {key} differs from that of {paths[0]}; "
+                                 f"only runs of one recipe on one corpus are merged")
+    machines = [record["machine"] for record in records]
+    return dict({k: v for k, v in records[0].items() if k not in ("runs", "verdicts", "machine")},
+                runs=[run for record in records for run in record["runs"]],
+                machine=[m for i, m in enumerate(machines) if m not in machines[:i]],
+                merged_from=[Path(path).name for path in paths])
+
+
+def write_report(out, name, record):
+    """`<out>/<name>.json` (the record plus the audit's verdict on each model) and `<name>.md`: EER per
+    kind of fake, mean +- std over seeds, the shortcut audit and the verdicts."""
+    audit = pd.DataFrame(record["audit"])
+    mean_eer = pd.DataFrame(record["runs"]).groupby("model", sort=False)["pooled"].mean()
+    record["verdicts"] = {model: vit_lib.audit_verdict(audit, eer) for model, eer in mean_eer.items()}
     vit_lib.save_json_atomic(out / f"{name}.json", record)
-    markdown = (markdown_table(table.reset_index()) + "\n\n" + markdown_table(audit.round(4)) + "\n\n"
-                + "\n".join(f"- {model}: {text}" for model, text in verdicts.items()) + "\n")
+    markdown = (markdown_table(summary_table(record["runs"]).reset_index()) + "\n\n"
+                + markdown_table(audit.round(4)) + "\n\n"
+                + "\n".join(f"- {model}: {text}" for model, text in record["verdicts"].items()) + "\n")
     with vit_lib.atomic_write(out / f"{name}.md", "w") as handle:
         handle.write(markdown)
     print(markdown)
-
 
 if __name__ == "__main__":
     main()

@@ -17,10 +17,10 @@ import torch
 
 import vit_lib
 from vit_lib import (SPLITS, AudioDataset, AudioError, DataConfig, DatasetError, ModelConfig, SplitLeakError,
-                     assign_splits, check_split_leaks, clip_to_spectrograms, custom_collate_fn, fit_frames,
-                     load_audio, log_mel_spectrogram, loudness_normalize, make_fixture_corpus,
+                     TrainingConfig, assign_splits, check_split_leaks, clip_to_spectrograms, custom_collate_fn,
+                     fit_frames, load_audio, log_mel_spectrogram, loudness_normalize, make_fixture_corpus,
                      non_silent_bounds, normalize_spectrogram, prepare_dataset, read_corpus, read_metadata,
-                     segment_waveform, spec_augment)
+                     segment_waveform, spec_augment, speaker_channel_augment)
 
 SR = 16000
 DATASET = "vit_balanced_dataset"           # 8 s segments, overlap 0.5 -> (1, 128, 256)
@@ -772,6 +772,15 @@ def test_rerun_with_other_settings_raises_a_clear_error(folder_prepared, tmp_pat
     assert (tmp_path / DATASET / "progress.jsonl").read_bytes() == before
 
 
+def test_augmentation_settings_need_no_new_preparation(folder_prepared, tmp_path, monkeypatch):
+    root, _, _ = folder_prepared
+    prepare(root, tmp_path)
+    calls = []
+    monkeypatch.setattr(vit_lib, "_prepare_one", lambda job: calls.append(job))
+    prepare(root, tmp_path, data_config=DataConfig(NUM_TIME_MASKS=1, TIME_MASK_MAX_WIDTH=30, USE_RANDOM_CROPPING=False))
+    assert calls == []
+
+
 # ---------------------------------------------------------------- 7. parallel preparation
 def test_parallel_preparation_gives_the_same_dataset_as_one_worker(folder_prepared, tmp_path, monkeypatch):
     root, reference, _ = folder_prepared
@@ -937,6 +946,51 @@ def test_spec_augment_masks_at_most_the_configured_widths_with_minus_80():
         assert set(out.unique().tolist()) <= {0.0, -80.0}
         masked_any |= bool(masked.any())
     assert masked_any
+
+
+def test_speaker_channel_augment_is_the_identity_when_switched_off():
+    spec = torch.randn(SPEC_SHAPE)
+    assert torch.equal(speaker_channel_augment(spec), spec)
+
+
+def test_frequency_warp_moves_a_band_by_at_most_the_warp_factor():
+    spec = torch.full(SPEC_SHAPE, -80.0)
+    spec[:, 60] = 0.0                                      # one loud row
+    generator = torch.Generator().manual_seed(0)
+    peaks = {int(speaker_channel_augment(spec, 0.1, generator=generator)[0, :, 0].argmax()) for _ in range(40)}
+    assert min(peaks) >= 60 * 0.9 - 1 and max(peaks) <= 60 * 1.1 + 1
+    assert len(peaks) > 3                                  # the warp is drawn anew each time
+
+
+def test_equalizer_adds_one_smooth_tilt_per_row_within_its_bound():
+    spec = torch.randn(SPEC_SHAPE)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        gain = speaker_channel_augment(spec, equalizer_db=6.0, generator=generator) - spec
+        assert torch.allclose(gain, gain[:, :, :1].expand_as(gain), atol=1e-5)   # the same for every frame
+        assert gain.abs().max() <= 6.0 + 1e-5
+        assert gain[0, 1:, 0].sub(gain[0, :-1, 0]).abs().max() < 0.5             # smooth across rows
+    assert gain.abs().max() > 0.5
+
+
+def test_speaker_channel_augment_refuses_cepstra_and_bad_strengths(tmp_path):
+    write_split(tmp_path / "mydata" / "train", [db_spec(5)])
+    with pytest.raises(ValueError, match="lfcc"):
+        AudioDataset(tmp_path, "train", dataset_name="mydata", augment=True, data_config=DataConfig(FEATURE="lfcc"),
+                     equalizer_db=3.0)
+    with pytest.raises(ValueError, match="frequency_warp"):
+        TrainingConfig(frequency_warp=1.5)
+
+
+def test_training_segments_get_the_recipes_speaker_channel_augmentation(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(vit_lib, "speaker_channel_augment", lambda spec, *args: calls.append(args) or spec)
+    write_split(tmp_path / "mydata" / "train", [db_spec(5)])
+    AudioDataset(tmp_path, "train", dataset_name="mydata", augment=True, frequency_warp=0.1, equalizer_db=6.0)[0]
+    AudioDataset(tmp_path, "train", dataset_name="mydata")[0]
+    assert calls == [(0.1, 6.0)]
+    assert (TrainingConfig().frequency_warp, TrainingConfig().equalizer_db) == (0.15, 10.0)
+    assert (TrainingConfig.original().frequency_warp, TrainingConfig.original().equalizer_db) == (0, 0)
 
 
 def test_global_normalization_uses_normalization_json(tmp_path):
