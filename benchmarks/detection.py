@@ -165,5 +165,6 @@ def write_report(out, name, record):
         handle.write(markdown)
     print(markdown)
 
+
 if __name__ == "__main__":
     main()
