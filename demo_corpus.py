@@ -607,18 +607,41 @@ def speaker_splits(meta, held_out_share=HELD_OUT_SHARE):
     of their clips) form one group, each engine's voices another. In each group the speakers with the
     fewest files go to test and to val (at least one each, about `held_out_share` of the group's
     speakers each), the others to train; so every split holds both classes and every kind of fake,
-    which a plain 70/15/15 draw over four recorded persons cannot promise."""
-    real_speakers = set(meta.loc[meta["label"] == "bona-fide", "speaker"])
+    which a plain 70/15/15 draw over four recorded persons cannot promise.
+
+    The language must not tell the class: a language that only held-out recorded persons speak (meta's
+    `language` column) goes with them, synthetic voices included, and such voices count towards their
+    engine's share of that split. Otherwise train would hear the language from synthetic voices alone,
+    and a model could learn "French is fake" before meeting a French recorded person in test."""
+    real = meta[meta["label"] == "bona-fide"]
     groups = {}
     for speaker, files in sorted(meta.groupby("speaker")):
-        group = "recorded" if speaker in real_speakers else files["attack"].iloc[0]
+        group = "recorded" if speaker in set(real["speaker"]) else files["attack"].iloc[0]
         groups.setdefault(group, []).append((len(files), stable_hash(speaker), speaker))
-    splits = {}
+    splits = spread(groups.pop("recorded", []), held_out_share)
+    recorded_splits = real.assign(split=real["speaker"].map(splits)).groupby("language")["split"].unique()
+    held_out = {language: found[0] for language, found in recorded_splits.items()
+                if len(found) == 1 and found[0] != "train"}
+    spoken = meta.groupby("speaker")["language"].unique()
     for members in groups.values():
-        held = max(1, round(held_out_share * len(members))) if len(members) >= 3 else 0
-        for rank, (_, _, speaker) in enumerate(sorted(members)):
-            splits[speaker] = "test" if rank < held else "val" if rank < 2 * held else "train"
+        placed = {speaker: held_out[spoken[speaker][0]] for _, _, speaker in members
+                  if len(spoken[speaker]) == 1 and spoken[speaker][0] in held_out}
+        splits.update(placed)
+        splits.update(spread([m for m in members if m[2] not in placed], held_out_share, len(members),
+                             already=list(placed.values())))
     return splits
+
+
+def spread(members, held_out_share, group_size=None, already=()):
+    """{speaker: split} for (n_files, tie-break, speaker) members: the smallest to test, then val,
+    `held_out_share` of `group_size` each (at least one, for groups of three or more) less those
+    `already` there; the rest, at least one, to train."""
+    group_size = group_size or len(members)
+    held = max(1, round(held_out_share * group_size)) if group_size >= 3 else 0
+    wanted = [split for split in ("test", "val") for _ in range(max(0, held - list(already).count(split)))]
+    wanted = wanted[:max(0, len(members) - 1)]
+    ranked = sorted(members)
+    return {speaker: wanted[rank] if rank < len(wanted) else "train" for rank, (_, _, speaker) in enumerate(ranked)}
 
 
 def write_tables(clips, out_dir):
@@ -626,10 +649,10 @@ def write_tables(clips, out_dir):
     clips = sorted(clips, key=lambda c: c.file)
     rates = original_rates(clips)
     meta = pd.DataFrame([dict(file=c.file, speaker=c.speaker, label="bona-fide" if c.kind == REAL_KIND else "spoof",
-                              attack=BONAFIDE_ATTACK if c.kind == REAL_KIND else c.kind, split=None)
-                         for c in clips],
-                        columns=META_COLUMNS)
+                              attack=BONAFIDE_ATTACK if c.kind == REAL_KIND else c.kind, language=c.language)
+                         for c in clips])
     meta["split"] = meta["speaker"].map(speaker_splits(meta))
+    meta = meta[META_COLUMNS]
     sources = pd.DataFrame([source_row(c, rates[c.file]) for c in clips], columns=SOURCE_COLUMNS)
     save_csv_atomic(Path(out_dir) / "meta.csv", meta)
     save_csv_atomic(Path(out_dir) / "sources.csv", sources)

@@ -253,6 +253,10 @@ class TrainingConfig:
     warmup_epochs: float = 2.0
     class_balance: str = "balanced_sampler"   # "none", "weighted_loss" or "balanced_sampler"
     grad_clip_norm: float | None = 1.0
+    # Validate, keep and test an exponential moving average of the weights (decay per optimiser step)
+    # instead of the weights themselves: it smooths the step-to-step noise of small batches, so the
+    # best epoch is picked on a steadier model. None trains without it.
+    ema_decay: float | None = None
     # Speaker and channel augmentation of the training segments (see speaker_channel_augment): with few
     # recorded persons in train, a model otherwise learns "these voices are real".
     frequency_warp: float = 0.15
@@ -294,6 +298,8 @@ class TrainingConfig:
         if not 0 <= self.frequency_warp < 1 or self.equalizer_db < 0:
             raise ValueError(f"frequency_warp must be in [0, 1) and equalizer_db >= 0, got "
                              f"{self.frequency_warp} and {self.equalizer_db}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
         # patience 0 would train nothing; a clip norm of 0 would be ignored and a negative one flips gradients
         for name in ("grad_clip_norm", "early_stopping_patience"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
@@ -2237,10 +2243,19 @@ def train_model(model, train_loader, val_loader, optimizer, criterion, device, c
     threshold.
 
     Writes `config.checkpoint_path("best")` (best so far) and `config.checkpoint_path("last")` (every
-    epoch, for resuming) atomically. `state` (from a last checkpoint) continues an earlier run.
-    Returns the per-epoch history.
+    epoch, for resuming) atomically. With `config.ema_decay`, validation, the best checkpoint and its
+    test scores use the moving average of the weights; the last checkpoint holds both. `state` (from a
+    last checkpoint) continues an earlier run. Returns the per-epoch history.
     """
     state = state or {}
+    averaged = None
+    if config.ema_decay is not None:
+        averaged = torch.optim.swa_utils.AveragedModel(
+            _unwrap(model), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
+            use_buffers=True)   # BatchNorm statistics are averaged with the weights they belong to
+        if state.get("ema_state"):
+            averaged.load_state_dict(state["ema_state"])
+    evaluated = model if averaged is None else averaged.module
     history = list(state.get("history", []))
     select_best_by = config.select_best_by
     best_value = state.get(f"best_{select_best_by}")
@@ -2270,13 +2285,15 @@ def train_model(model, train_loader, val_loader, optimizer, criterion, device, c
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
+            if averaged is not None:
+                averaged.update_parameters(_unwrap(model))
             if scheduler is not None:
                 scheduler.step()
             loss_sum += loss.item() * len(labels)
             seen += len(labels)
         totals = np.sum(_all_gather((loss_sum, seen)), axis=0)
         train_loss = float(totals[0] / max(totals[1], 1))
-        val_loss, _, val_labels, val_probs = evaluate_model(model, val_loader, criterion, device)
+        val_loss, _, val_labels, val_probs = evaluate_model(evaluated, val_loader, criterion, device)
         val = compute_metrics(val_labels, val_probs)
         record = dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_accuracy=val["accuracy"],
                       val_f1=val["f1"], val_roc_auc=val["roc_auc"], val_eer=val["eer"],
@@ -2296,11 +2313,12 @@ def train_model(model, train_loader, val_loader, optimizer, criterion, device, c
             print(f"  {dropped} unreadable item(s) dropped so far (see the warnings above)")
         if wandb_run is not None:
             wandb_run.log(record, step=epoch)
-        common = dict(model_state=_unwrap(model).state_dict(), epoch=epoch, **{f"best_{select_best_by}": best_value},
-                      metrics=record, history=history, **(checkpoint_extras or {}))
+        common = dict(epoch=epoch, **{f"best_{select_best_by}": best_value}, metrics=record, history=history,
+                      **(checkpoint_extras or {}))
         if improved:
-            save_checkpoint(config.checkpoint_path("best"), **common)
-        save_checkpoint(config.checkpoint_path("last"), **common,
+            save_checkpoint(config.checkpoint_path("best"), model_state=_unwrap(evaluated).state_dict(), **common)
+        save_checkpoint(config.checkpoint_path("last"), model_state=_unwrap(model).state_dict(), **common,
+                        ema_state=averaged.state_dict() if averaged is not None else None,
                         optimizer_state=optimizer.state_dict(), stale_epochs=stale_epochs,
                         scheduler_state=scheduler.state_dict() if scheduler else None,
                         scaler_state=scaler.state_dict())

@@ -9,7 +9,8 @@ Prepares the corpus once (cached), trains each model size once per seed with the
     .venv/bin/python benchmarks/detection.py --models ViT_Small CNN_Small --gmm
     .venv/bin/python benchmarks/detection.py --original --seeds 42  # the original recipe, for comparison
     .venv/bin/python benchmarks/detection.py --set patch_embedding=linear --name linear_patches   # one change
-    .venv/bin/python benchmarks/detection.py --merge results/demo_corpus/augmentation/exp_aug_strong_s4{2,3,4}.json
+    .venv/bin/python benchmarks/detection.py --seeds 42 --out results/demo_corpus/seeds --name detection_s42
+    .venv/bin/python benchmarks/detection.py --merge results/demo_corpus/seeds/detection_s4{2,3,4}.json
     .venv/bin/python benchmarks/detection.py --data FEATURE=linear --cache-dir data/demo_linear --name linear_frontend
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ def main():
     parser.add_argument("--corpus", default="in_the_wild", choices=vit_lib.CORPORA)
     parser.add_argument("--cache-dir", default="data/demo_processed")
     parser.add_argument("--out", default="results/demo_corpus")
-    parser.add_argument("--models", nargs="+", default=["ViT_Small"])
+    parser.add_argument("--models", nargs="*", default=["ViT_Small"], help="none: only the LFCC-GMM (with --gmm)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--original", action="store_true", help="the original notebook's recipe")
@@ -99,13 +100,15 @@ def main():
     if args.merge:
         write_report(out, args.name or "detection", merged_record(args.merge))
         return
+    if not args.models and not args.gmm:
+        parser.error("nothing to run: name --models, or give --gmm")
     recipe = (vit_lib.TrainingConfig.original if args.original else vit_lib.TrainingConfig)(
         **parsed_fields(vit_lib.TrainingConfig, args.set))
     data_config = vit_lib.DataConfig(**parsed_fields(vit_lib.DataConfig, args.data))
     vit_lib.prepare_dataset(args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, data_config,
                             progress=False)
     dataset_dir = Path(args.cache_dir) / recipe.dataset_name
-    rows, test_files = [], None
+    rows = []
     for model_size in args.models:
         for seed in args.seeds:
             run_name = f"{model_size}_{args.name or ('original' if args.original else 'recipe')}_seed{seed}"
@@ -115,8 +118,8 @@ def main():
             if args.epochs:
                 overrides["epochs"] = args.epochs
             config = vit_lib.TrainingConfig(**{**asdict(recipe), **overrides})
-            test_files, seconds = train_and_score(config, data_config)
-            rows.append(eer_row(model_size, seed, test_files, seconds))
+            scored, seconds = train_and_score(config, data_config)
+            rows.append(eer_row(model_size, seed, scored, seconds))
             print(json.dumps(rows[-1]), flush=True)
     if args.gmm:
         started = time.perf_counter()
@@ -124,7 +127,8 @@ def main():
                                                  n_components=args.gmm_components, progress=False)
         rows.append(eer_row(f"LFCC-GMM ({args.gmm_components})", 0, gmm_files, time.perf_counter() - started))
     metadata = vit_lib.read_dataset_metadata(dataset_dir)
-    train_files = vit_lib.pool_file_scores(metadata[metadata["split"] == "train"])
+    train_files, test_files = (vit_lib.pool_file_scores(metadata[metadata["split"] == split])
+                               for split in ("train", "test"))
     audit = vit_lib.shortcut_audit(train_files, test_files, dataset_dir=dataset_dir)
     folders = ("cache_dir", "results_dir", "checkpoint_dir", "run_name")   # per machine and per run
     record = dict(recipe={k: v for k, v in asdict(recipe).items() if k not in folders},

@@ -155,16 +155,53 @@ def test_shipped_split_is_speaker_disjoint_with_both_classes_and_every_kind_in_e
         assert group.loc[group["label"] == 0, "speaker"].nunique() == 1, split
 
 
+def split_meta(rows):
+    return pd.DataFrame([dict(speaker=s, label=label, attack=attack, language=language)
+                         for s, label, attack, language, n in rows for _ in range(n)])
+
+
 def test_each_group_of_speakers_sends_its_smallest_to_test_and_val():
-    rows = [("asterisk:A", "bona-fide", "-", 9), ("asterisk:A", "spoof", "vocoder_lpc", 5),
-            ("asterisk:B", "bona-fide", "-", 4), ("asterisk:C", "bona-fide", "-", 6),
-            ("flite:slt", "spoof", "tts_flite", 3), ("flite:rms", "spoof", "tts_flite", 2),
-            ("flite:awb", "spoof", "tts_flite", 4), ("espeak-ng:it", "spoof", "tts_espeak", 5)]
-    meta = pd.DataFrame([dict(speaker=s, label=label, attack=attack) for s, label, attack, n in rows for _ in range(n)])
-    splits = dc.speaker_splits(meta)
+    rows = [("asterisk:A", "bona-fide", "-", "en", 9), ("asterisk:A", "spoof", "vocoder_lpc", "en", 5),
+            ("asterisk:B", "bona-fide", "-", "en", 4), ("asterisk:C", "bona-fide", "-", "en", 6),
+            ("flite:slt", "spoof", "tts_flite", "en", 3), ("flite:rms", "spoof", "tts_flite", "en", 2),
+            ("flite:awb", "spoof", "tts_flite", "en", 4), ("espeak-ng:it", "spoof", "tts_espeak", "it", 5)]
+    splits = dc.speaker_splits(split_meta(rows))
     assert [splits[s] for s in ("asterisk:B", "asterisk:C", "asterisk:A")] == ["test", "val", "train"]
     assert [splits[s] for s in ("flite:rms", "flite:slt", "flite:awb")] == ["test", "val", "train"]
     assert splits["espeak-ng:it"] == "train"  # a group of fewer than three cannot be spread
+
+
+def test_a_language_only_held_out_persons_speak_is_held_out_with_them():
+    """Train must not hear French from synthetic voices alone when the only French recorded person is in test."""
+    rows = [("asterisk:Fr", "bona-fide", "-", "fr", 4), ("asterisk:Ru", "bona-fide", "-", "ru", 5),
+            ("asterisk:En", "bona-fide", "-", "en", 9), ("asterisk:Es", "bona-fide", "-", "es", 9),
+            ("asterisk:En", "bona-fide", "-", "es", 9),
+            ("espeak-ng:fr1", "spoof", "tts_espeak", "fr", 9), ("espeak-ng:fr2", "spoof", "tts_espeak", "fr", 8),
+            ("espeak-ng:ru", "spoof", "tts_espeak", "ru", 9), ("espeak-ng:en1", "spoof", "tts_espeak", "en", 1),
+            ("espeak-ng:en2", "spoof", "tts_espeak", "en", 2), ("espeak-ng:es", "spoof", "tts_espeak", "es", 3),
+            ("flite:slt", "spoof", "tts_flite", "en", 3), ("flite:rms", "spoof", "tts_flite", "en", 2),
+            ("flite:awb", "spoof", "tts_flite", "en", 4)]
+    meta = split_meta(rows)
+    splits = dc.speaker_splits(meta)
+    assert [splits[s] for s in ("asterisk:Fr", "asterisk:Ru", "asterisk:Es", "asterisk:En")] == \
+        ["test", "val", "train", "train"]
+    assert [splits[s] for s in ("espeak-ng:fr1", "espeak-ng:fr2", "espeak-ng:ru")] == ["test", "test", "val"]
+    # they fill the engine's held-out places: its smallest other voices, which would have gone, stay in train
+    assert {splits[s] for s in ("espeak-ng:en1", "espeak-ng:en2", "espeak-ng:es")} == {"train"}
+    assert [splits[s] for s in ("flite:rms", "flite:slt", "flite:awb")] == ["test", "val", "train"]
+    meta["split"] = meta["speaker"].map(splits)
+    train = meta[meta["split"] == "train"]
+    assert set(train["language"]) == {"en", "es"}
+    assert train.groupby("language")["label"].nunique().eq(2).all()   # every language of train in both classes
+
+
+def test_an_engine_keeps_a_voice_in_train_whatever_its_languages():
+    rows = [("asterisk:Fr", "bona-fide", "-", "fr", 4), ("asterisk:Ru", "bona-fide", "-", "ru", 5),
+            ("asterisk:En", "bona-fide", "-", "en", 9),
+            ("espeak-ng:fr", "spoof", "tts_espeak", "fr", 9), ("espeak-ng:en1", "spoof", "tts_espeak", "en", 1),
+            ("espeak-ng:en2", "spoof", "tts_espeak", "en", 2)]
+    splits = dc.speaker_splits(split_meta(rows))
+    assert [splits[s] for s in ("espeak-ng:fr", "espeak-ng:en1", "espeak-ng:en2")] == ["test", "val", "train"]
 
 
 def test_rebuild_in_two_processes_gives_identical_checksums(corpus, prompts, tmp_path):

@@ -218,6 +218,61 @@ def test_early_stopping_stops_after_patience_epochs_without_val_f1_gain(tmp_path
     assert torch.load(tmp_path / "last_vit_model_tiny.pth", weights_only=True)["stale_epochs"] == 2
 
 
+def tiny_training(tmp_path, epochs, state=None, **overrides):
+    """train_model on tiny_loaders with Adam, from the same initial weights each time (or from `state`,
+    a last checkpoint); returns (history, the weights after each optimiser step)."""
+    loader, config = tiny_loaders()
+    torch.manual_seed(0)
+    model = vit_lib.AudioViT(config=config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    if state is not None:
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(
+        {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        history = vit_lib.train_model(model, loader, loader, optimizer, torch.nn.CrossEntropyLoss(),
+                                      torch.device("cpu"), TrainingConfig(
+                                          epochs=epochs, run_name="tiny", checkpoint_dir=str(tmp_path),
+                                          progress=False, **overrides), state=state)
+    return history, steps
+
+
+def test_moving_average_of_the_weights_is_what_is_validated_and_kept_as_best(tmp_path):
+    decay = 0.6
+    _, steps = tiny_training(tmp_path, epochs=1, ema_decay=decay)
+    assert len(steps) == 2                                    # 8 items in batches of 4
+    best = torch.load(tmp_path / "best_vit_model_tiny.pth", weights_only=True)
+    last = torch.load(tmp_path / "last_vit_model_tiny.pth", weights_only=True)
+    for name, value in best["model_state"].items():
+        # the first step's weights start the average; each later step moves it (1 - decay) of the way
+        np.testing.assert_allclose(value, decay * steps[0][name] + (1 - decay) * steps[1][name], atol=1e-6)
+        torch.testing.assert_close(last["model_state"][name], steps[1][name])   # resuming needs the raw weights
+        torch.testing.assert_close(last["ema_state"][f"module.{name}"], value)
+    assert not torch.equal(best["model_state"]["cls_token"], last["model_state"]["cls_token"])
+
+
+def test_resumed_run_with_moving_average_matches_uninterrupted_run(tmp_path):
+    whole, _ = tiny_training(tmp_path / "whole", epochs=3, ema_decay=0.6)
+    tiny_training(tmp_path / "parts", epochs=1, ema_decay=0.6)
+    state = torch.load(tmp_path / "parts" / "last_vit_model_tiny.pth", weights_only=True)
+    resumed, _ = tiny_training(tmp_path / "parts", epochs=3, state=state, ema_decay=0.6)
+    assert resumed == whole
+    for which in ("best", "last"):
+        expected = torch.load(tmp_path / "whole" / f"{which}_vit_model_tiny.pth", weights_only=True)
+        got = torch.load(tmp_path / "parts" / f"{which}_vit_model_tiny.pth", weights_only=True)
+        for key in ("model_state", "ema_state") if which == "last" else ("model_state",):
+            for name, value in expected[key].items():
+                torch.testing.assert_close(got[key][name], value, rtol=0, atol=1e-6)
+
+
+def test_moving_average_decay_must_lie_between_0_and_1():
+    for decay in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="ema_decay must be in"):
+            TrainingConfig(ema_decay=decay)
+
+
 # ---------------------------------------------------------------- DDP under torchrun
 def test_ddp_two_processes_train_one_epoch_and_print_once(prepared, tmp_path):
     env = {k: v for k, v in os.environ.items()
