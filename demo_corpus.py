@@ -614,9 +614,10 @@ def speaker_splits(meta, held_out_share=HELD_OUT_SHARE):
     engine's share of that split. Otherwise train would hear the language from synthetic voices alone,
     and a model could learn "French is fake" before meeting a French recorded person in test."""
     real = meta[meta["label"] == "bona-fide"]
+    recorded = set(real["speaker"])
     groups = {}
     for speaker, files in sorted(meta.groupby("speaker")):
-        group = "recorded" if speaker in set(real["speaker"]) else files["attack"].iloc[0]
+        group = "recorded" if speaker in recorded else files["attack"].iloc[0]
         groups.setdefault(group, []).append((len(files), stable_hash(speaker), speaker))
     splits = spread(groups.pop("recorded", []), held_out_share)
     recorded_splits = real.assign(split=real["speaker"].map(splits)).groupby("language")["split"].unique()
