@@ -71,6 +71,11 @@ class DataConfig:
     NORM_EPSILON: float = 1e-6
     LOUDNESS_LUFS: float = -23.0
     USE_GLOBAL_NORMALIZATION: bool = False
+    # Per-spectrogram normalisation first takes each row's mean over the segment off (cepstral mean
+    # normalisation, done on the spectrogram's rows): a voice's or a channel's lasting colour goes, and
+    # with it the easiest way to recognise a speaker, so a detector trained on few recorded persons
+    # cannot call every voice it has not heard fake. Global normalisation subtracts only the train mean.
+    SUBTRACT_ROW_MEANS: bool = True
     USE_RANDOM_CROPPING: bool = True
     CACHE_DIR: str = os.environ.get("VIT_CACHE_DIR", str(DEFAULT_CACHE_DIR))
     # How a clip shorter than one segment is filled: "loop" repeats it, "pad" appends silence,
@@ -83,6 +88,11 @@ class DataConfig:
     # "linear" (the same with linearly spaced filters, as fine at 7 kHz as at 100 Hz) or "lfcc"
     # (the DCT of the linear energies in dB: linear-frequency cepstral coefficients).
     FEATURE: str = "log_mel"
+
+    @classmethod
+    def original(cls, **overrides):
+        """The original notebook's data settings: its per-spectrogram z-score keeps the row means."""
+        return cls(**{"SUBTRACT_ROW_MEANS": False, **overrides})
 
     def __post_init__(self):
         if self.FEATURE not in FEATURES:
@@ -149,16 +159,21 @@ def data_settings(data_config):
     return {k: v for k, v in asdict(data_config).items() if k != "CACHE_DIR"}
 
 
+# Data settings added after checkpoints began to store theirs: what a checkpoint that lacks them
+# was trained with.
+OLDER_CHECKPOINT_SETTINGS = dict(SUBTRACT_ROW_MEANS=False)
+
+
 def inference_settings(checkpoint, source="checkpoint"):
     """(DataConfig, (mean, std)) with which a checkpoint's model had its inputs made: the data settings
-    it stores (the defaults for a checkpoint written before they were stored), and the train statistics
-    of a globally normalised model ((None, None): per-spectrogram normalisation)."""
+    it stores (for a checkpoint written before they were stored, the defaults of that time), and the
+    train statistics of a globally normalised model ((None, None): per-spectrogram normalisation)."""
     saved = checkpoint.get("data_config", {})
     unknown = sorted(set(saved) - {f.name for f in fields(DataConfig) if f.init})
     if unknown:
         raise ValueError(f"{source}: unknown data setting(s) {unknown}; it was written by another version "
                          f"of vit_lib, whose DataConfig has them")
-    data_config = DataConfig(**saved)
+    data_config = DataConfig(**{**OLDER_CHECKPOINT_SETTINGS, **saved})
     if not data_config.USE_GLOBAL_NORMALIZATION:
         return data_config, (None, None)
     if not checkpoint.get("normalization"):
@@ -605,9 +620,12 @@ def fit_frames(spec, max_frames, pad_value=DataConfig.MASK_REPLACEMENT_VALUE):
     return np.pad(spec, pad, constant_values=pad_value)
 
 
-def normalize_spectrogram(spec, mean=None, std=None, eps=DataConfig.NORM_EPSILON):
-    """Z-score: per spectrogram when mean/std are None, else with global (train) statistics."""
+def normalize_spectrogram(spec, mean=None, std=None, eps=DataConfig.NORM_EPSILON, subtract_row_means=False):
+    """Z-score with global (train) statistics, or per spectrogram when mean/std are None: then with
+    `subtract_row_means` each row (frequency band) first loses its mean over time."""
     if mean is None:
+        if subtract_row_means:
+            spec = spec - spec.mean(-1, keepdims=True)
         mean, std = spec.mean(), spec.std()
     return (spec - mean) / (std + eps)
 
@@ -1433,21 +1451,21 @@ def _read_journal(path):
     return done
 
 
-# Settings that act while training (augmentation), not on the prepared spectrograms: changing them
-# needs no new preparation.
-TRAINING_ONLY_SETTINGS = ("NUM_TIME_MASKS", "NUM_FREQ_MASKS", "TIME_MASK_MAX_WIDTH", "FREQ_MASK_MAX_WIDTH",
-                          "USE_RANDOM_CROPPING")
+# Settings that act when a prepared spectrogram is loaded (augmentation, row means), not on the
+# prepared spectrograms: changing them needs no new preparation.
+LOAD_TIME_SETTINGS = ("NUM_TIME_MASKS", "NUM_FREQ_MASKS", "TIME_MASK_MAX_WIDTH", "FREQ_MASK_MAX_WIDTH",
+                          "USE_RANDOM_CROPPING", "SUBTRACT_ROW_MEANS")
 
 
-def _without_training_only(settings):
-    return {k: v for k, v in settings.items() if k not in TRAINING_ONLY_SETTINGS}
+def _without_load_time(settings):
+    return {k: v for k, v in settings.items() if k not in LOAD_TIME_SETTINGS}
 
 
 def _written_settings(settings_path):
-    """preparation.json as prepare_dataset compares it (files written before the training-only
+    """preparation.json as prepare_dataset compares it (files written before the load-time
     settings were left out still match)."""
     written = json.loads(settings_path.read_text())
-    written["data_config"] = _without_training_only(written["data_config"])
+    written["data_config"] = _without_load_time(written["data_config"])
     return written
 
 
@@ -1468,7 +1486,7 @@ def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="fo
         raise ValueError(f"No usable audio files found in {corpus_root} (corpus layout {corpus!r})")
     out_dir = Path(cache_dir) / dataset_name
     settings = dict(corpus=corpus, corpus_root=str(corpus_root.resolve()),
-                    data_config=_without_training_only(asdict(data_config)),
+                    data_config=_without_load_time(asdict(data_config)),
                     model_config=model_config.as_dict(), split_fractions=list(split_fractions))
     settings["data_config"].pop("CACHE_DIR")
     settings_path = out_dir / "preparation.json"
@@ -1758,8 +1776,9 @@ class AudioDataset(Dataset):
     """Processed split -> (spectrogram float32 (1, n_mels, max_frames_spec), label).
 
     The .npy files hold log-mel in dB; augmentation (train only) acts in dB, where the mask value
-    -80 dB means silence, and normalisation comes last: per spectrogram, or with the train split's
-    statistics (normalization.json) when DataConfig.USE_GLOBAL_NORMALIZATION is set.
+    -80 dB means silence, and normalisation comes last: per spectrogram (each row's mean first taken
+    off, with DataConfig.SUBTRACT_ROW_MEANS), or with the train split's statistics (normalization.json)
+    when DataConfig.USE_GLOBAL_NORMALIZATION is set.
     Unreadable items come back as None (dropped by custom_collate_fn) and are counted in `dropped`.
     """
 
@@ -1819,7 +1838,8 @@ class AudioDataset(Dataset):
             spec = speaker_channel_augment(spec, self.frequency_warp, self.equalizer_db)
             spec = spec_augment(spec, self.data_config)
         mean, std = self.norm_stats or (None, None)
-        spec = normalize_spectrogram(spec, mean, std, self.data_config.NORM_EPSILON)
+        spec = normalize_spectrogram(spec, mean, std, self.data_config.NORM_EPSILON,
+                                     self.data_config.SUBTRACT_ROW_MEANS)
         return spec, int(self.metadata["label"].iat[idx])
 
 
@@ -3007,8 +3027,8 @@ def score_audio_file(path, model, checkpoint, device="cpu", batch_size=32):
     starts, scores = [], []
     model.eval()
     for batch in _batches(specs, batch_size):   # spectrograms made and scored a batch at a time
-        inputs = torch.stack([normalize_spectrogram(torch.from_numpy(spec[None]), mean, std, data_config.NORM_EPSILON)
-                              for _, spec, _ in batch])
+        inputs = torch.stack([normalize_spectrogram(torch.from_numpy(spec[None]), mean, std, data_config.NORM_EPSILON,
+                                                    data_config.SUBTRACT_ROW_MEANS) for _, spec, _ in batch])
         with torch.no_grad():
             logits = model(inputs.to(device)).float().cpu().numpy().astype(np.float64)
         starts += [start for start, _, _ in batch]
@@ -3245,13 +3265,18 @@ def main(argv=None):
             train.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default)
         else:
             train.add_argument(flag, type=training_field_type(item), default=item.default)
+    train.add_argument("--subtract-row-means", action=argparse.BooleanOptionalAction,
+                       default=DataConfig.SUBTRACT_ROW_MEANS,
+                       help="DataConfig.SUBTRACT_ROW_MEANS (--no-subtract-row-means: the original notebook's inputs)")
     score = commands.add_parser("score", help="score audio files or folders into an ASVspoof-style score file")
     score.add_argument("checkpoint")
     score.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
     score.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     if args.command == "train":
-        run_training(TrainingConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+        options = {k: v for k, v in vars(args).items() if k != "command"}
+        data_config = DataConfig(SUBTRACT_ROW_MEANS=options.pop("subtract_row_means"))
+        run_training(TrainingConfig(**options), data_config)
         return 0
     try:
         if args.command == "prepare":

@@ -104,7 +104,8 @@ def main():
         parser.error("nothing to run: name --models, or give --gmm")
     recipe = (vit_lib.TrainingConfig.original if args.original else vit_lib.TrainingConfig)(
         **parsed_fields(vit_lib.TrainingConfig, args.set))
-    data_config = vit_lib.DataConfig(**parsed_fields(vit_lib.DataConfig, args.data))
+    data_config = (vit_lib.DataConfig.original if args.original else vit_lib.DataConfig)(
+        **parsed_fields(vit_lib.DataConfig, args.data))
     vit_lib.prepare_dataset(args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, data_config,
                             progress=False)
     dataset_dir = Path(args.cache_dir) / recipe.dataset_name

@@ -394,6 +394,23 @@ def test_normalize_spectrogram_z_scores_per_spectrogram_or_with_given_statistics
     np.testing.assert_allclose(normalize_spectrogram(spec, -40.0, 10.0), (spec + 40.0) / (10.0 + 1e-6))
 
 
+def test_subtracting_row_means_takes_a_lasting_colour_off_each_row():
+    rng = np.random.default_rng(0)
+    spec = rng.uniform(-80, 0, (1, 128, 256))
+    colour = rng.uniform(-20, 20, (1, 128, 1))   # another voice or microphone: a fixed offset per band
+    z = normalize_spectrogram(spec + colour, subtract_row_means=True)
+    np.testing.assert_allclose(z, normalize_spectrogram(spec, subtract_row_means=True), atol=1e-9)
+    np.testing.assert_allclose(z.mean(-1), 0.0, atol=1e-9)
+    assert z.std() == pytest.approx(1.0, abs=1e-5)
+    assert not np.allclose(normalize_spectrogram(spec + colour), normalize_spectrogram(spec))
+
+
+def test_global_statistics_leave_the_row_means_on():
+    spec = np.random.default_rng(0).uniform(-80, 0, (1, 128, 256))
+    np.testing.assert_allclose(normalize_spectrogram(spec, -40.0, 10.0, subtract_row_means=True),
+                               (spec + 40.0) / (10.0 + 1e-6))
+
+
 def test_non_silent_bounds_finds_half_a_second_of_leading_silence(tmp_path):
     audio = np.concatenate([np.zeros(SR // 2, dtype=np.float32), tone(2.0)])
     start, end = non_silent_bounds(audio)
@@ -894,16 +911,18 @@ def test_shorter_or_longer_spectrograms_come_out_at_max_frames(tmp_path, augment
     assert dataset[0][0].shape == SPEC_SHAPE and dataset[1][0].shape == SPEC_SHAPE
 
 
-def test_without_augmentation_items_are_deterministic_and_z_scored(tmp_path):
+@pytest.mark.parametrize("data_config", [DataConfig(), DataConfig.original()], ids=["default", "original"])
+def test_without_augmentation_items_are_deterministic_and_z_scored(tmp_path, data_config):
     raw = db_spec(3)
     write_split(tmp_path / "test", [raw])
-    dataset = AudioDataset(tmp_path, "test")
+    dataset = AudioDataset(tmp_path, "test", data_config=data_config)
     first, second = dataset[0][0], dataset[0][0]
     assert torch.equal(first, second)
     assert first.shape == SPEC_SHAPE and first.dtype == torch.float32
     assert float(first.mean()) == pytest.approx(0.0, abs=1e-4)
     assert float(first.std()) == pytest.approx(1.0, abs=1e-3)
-    np.testing.assert_allclose(first.numpy(), (raw - raw.mean()) / (raw.std(ddof=1) + 1e-6), atol=1e-4)
+    centred = raw - raw.mean(-1, keepdims=True) if data_config.SUBTRACT_ROW_MEANS else raw
+    np.testing.assert_allclose(first.numpy(), (centred - centred.mean()) / (centred.std(ddof=1) + 1e-6), atol=1e-4)
 
 
 def test_augmentation_changes_the_spectrogram_every_call_and_keeps_its_shape(tmp_path):
@@ -919,7 +938,7 @@ def test_augmentation_changes_the_spectrogram_every_call_and_keeps_its_shape(tmp
 
 def test_augmentation_applies_specaugment_masks_in_db_before_normalising(tmp_path):
     write_split(tmp_path / "train", [np.random.default_rng(6).uniform(-60, 0, SPEC_SHAPE).astype(np.float32)])
-    config = DataConfig(USE_RANDOM_CROPPING=False)
+    config = DataConfig(USE_RANDOM_CROPPING=False, SUBTRACT_ROW_MEANS=False)   # so a mask stays one value
     dataset = AudioDataset(tmp_path, "train", augment=True, data_config=config)
     torch.manual_seed(0)
     masked_columns = masked_rows = 0

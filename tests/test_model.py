@@ -42,6 +42,8 @@ def test_original_recipe_is_one_setting_away():
         ("ViT_Small", "adam", 1e-4, 32, 42, "constant", "none", "linear", "val_f1")
     assert config.run_name == "ViT_Small_vit_balanced_dataset"
     assert TrainingConfig.original(epochs=3, learning_rate=1e-3).learning_rate == 1e-3
+    assert not vit_lib.DataConfig.original().SUBTRACT_ROW_MEANS
+    assert vit_lib.DataConfig.original(N_MELS=64).N_MELS == 64
 
 
 def test_training_config_defaults_are_the_recipe_that_learns_real_speech():
@@ -50,6 +52,7 @@ def test_training_config_defaults_are_the_recipe_that_learns_real_speech():
             config.select_best_by, config.dataset_name) == \
         ("adamw", "warmup_cosine", "balanced_sampler", "conv", "val_eer", "vit_short_dataset")
     assert vit_lib.ALL_MODEL_CONFIGS["vit_short_dataset"].max_frames_spec == 128   # 4 s
+    assert vit_lib.DataConfig().SUBTRACT_ROW_MEANS
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -206,6 +206,32 @@ def test_scoring_uses_the_checkpoints_hop_length(tmp_path):
     assert verdict["segments"] == len(timeline) == 1 and np.isfinite(verdict["score"])
 
 
+def test_scoring_takes_off_the_row_means_when_the_checkpoint_says_so(tmp_path):
+    clip = write_wav(tmp_path / "a.wav", 3.0)
+    scores = {}
+    for subtract in (False, True):
+        settings = data_settings(DataConfig(SUBTRACT_ROW_MEANS=subtract))
+        checkpoint_path = tiny_checkpoint(tmp_path / f"rows_{subtract}.pth", data_config=settings)
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, checkpoint = vit_lib.load_model(checkpoint_path)
+        scores[subtract], _ = vit_lib.score_audio_file(clip, model, checkpoint)
+    specs, _ = vit_lib.clip_to_spectrograms(clip, vit_lib.ALL_MODEL_CONFIGS[DATASET])
+    batch = torch.stack([vit_lib.normalize_spectrogram(torch.from_numpy(s[None]), subtract_row_means=True)
+                         for _, s, _ in specs])
+    with torch.no_grad():
+        logits = model(batch).double().numpy()
+    np.testing.assert_allclose(scores[True]["score"], logits[:, 0] - logits[:, 1], atol=1e-5)
+    assert not np.allclose(scores[True]["score"], scores[False]["score"], rtol=0, atol=1e-4)
+
+
+def test_a_checkpoint_from_before_row_means_were_stored_is_scored_without_them():
+    settings = data_settings(DataConfig())
+    del settings["SUBTRACT_ROW_MEANS"]
+    assert DataConfig().SUBTRACT_ROW_MEANS
+    assert not vit_lib.inference_settings({"data_config": settings})[0].SUBTRACT_ROW_MEANS
+    assert not vit_lib.inference_settings({})[0].SUBTRACT_ROW_MEANS
+
+
 def test_checkpoint_without_data_settings_scores_with_the_defaults_and_says_so_once(tmp_path):
     checkpoint_path = tiny_checkpoint(tmp_path / "old.pth")
     out = io.StringIO()
@@ -373,7 +399,7 @@ def test_command_line_honours_vit_progress_0(trained, tmp_path, monkeypatch, cap
     vit_lib.main(["score", str(trained.path), str(tmp_path / "in"), "--output", str(tmp_path / "s.txt")])
     assert "Scoring" not in capfd.readouterr().err
     seen = {}
-    monkeypatch.setattr(vit_lib, "run_training", lambda config: seen.update(train=config.progress))
+    monkeypatch.setattr(vit_lib, "run_training", lambda config, data_config: seen.update(train=config.progress))
 
     def prepare_dataset(*args, progress, **kwargs):
         seen.update(prepare=progress)
@@ -386,6 +412,14 @@ def test_command_line_honours_vit_progress_0(trained, tmp_path, monkeypatch, cap
     monkeypatch.setenv("VIT_PROGRESS", "1")
     vit_lib.main(["train", "--epochs", "1"])
     assert seen["train"] is True
+
+
+def test_command_line_trains_with_or_without_the_row_means(monkeypatch):
+    seen = []
+    monkeypatch.setattr(vit_lib, "run_training", lambda config, data_config: seen.append(data_config.SUBTRACT_ROW_MEANS))
+    vit_lib.main(["train"])
+    vit_lib.main(["train", "--no-subtract-row-means", "--optimizer", "adam"])
+    assert seen == [True, False]
 
 
 # ---------------------------------------------------------------- 12. memory
