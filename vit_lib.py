@@ -2989,7 +2989,7 @@ def load_model(checkpoint_path, device="cpu", architecture=None):
     inference_settings(checkpoint, checkpoint_path)   # a checkpoint that cannot be scored fails here, named
     if "data_config" not in checkpoint:
         print(f"{display_path(checkpoint_path)} holds no data settings (written by an older vit_lib): "
-              f"scoring with the default data settings")
+              f"scoring with the default data settings of its time (band means kept)")
     model = build_model(ARCHITECTURE_CONFIGS[saved](**checkpoint[f"{saved}_config"])).to(device)
     model.load_state_dict(checkpoint["model_state"])
     return speed_up(model).eval(), checkpoint
