@@ -1454,7 +1454,7 @@ def _read_journal(path):
 # Settings that act when a prepared spectrogram is loaded (augmentation, row means), not on the
 # prepared spectrograms: changing them needs no new preparation.
 LOAD_TIME_SETTINGS = ("NUM_TIME_MASKS", "NUM_FREQ_MASKS", "TIME_MASK_MAX_WIDTH", "FREQ_MASK_MAX_WIDTH",
-                          "USE_RANDOM_CROPPING", "SUBTRACT_ROW_MEANS")
+                      "USE_RANDOM_CROPPING", "SUBTRACT_ROW_MEANS")
 
 
 def _without_load_time(settings):

@@ -9,8 +9,8 @@ Prepares the corpus once (cached), trains each model size once per seed with the
     .venv/bin/python benchmarks/detection.py --models ViT_Small CNN_Small --gmm
     .venv/bin/python benchmarks/detection.py --original --seeds 42  # the original recipe, for comparison
     .venv/bin/python benchmarks/detection.py --set patch_embedding=linear --name linear_patches   # one change
-    .venv/bin/python benchmarks/detection.py --seeds 42 --out results/demo_corpus/seeds --name detection_s42
-    .venv/bin/python benchmarks/detection.py --merge results/demo_corpus/seeds/detection_s4{2,3,4}.json
+    .venv/bin/python benchmarks/detection.py --seeds 42 --out results/demo_corpus/seeds --name rowmean_s42
+    .venv/bin/python benchmarks/detection.py --merge results/demo_corpus/seeds/rowmean_s4{2,3,4}.json
     .venv/bin/python benchmarks/detection.py --data FEATURE=linear --cache-dir data/demo_linear --name linear_frontend
 """
 from __future__ import annotations
