@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import io
 import itertools
@@ -273,7 +274,9 @@ class TrainingConfig:
     # best epoch is picked on a steadier model. None trains without it.
     ema_decay: float | None = None
     # Speaker and channel augmentation of the training segments (see speaker_channel_augment): with few
-    # recorded persons in train, a model otherwise learns "these voices are real".
+    # recorded persons in train, a model otherwise learns "these voices are real". The equaliser's tilt
+    # is constant in time, so with DataConfig.SUBTRACT_ROW_MEANS the row means take it off again, except
+    # where SpecAugment's masks cover a row; it acts with the band means kept.
     frequency_warp: float = 0.15
     equalizer_db: float = 10.0
     # "conv": tokens from 3x3 convolutions (see conv_patch_embedding); "linear": vit-pytorch's
@@ -1779,11 +1782,14 @@ class AudioDataset(Dataset):
     -80 dB means silence, and normalisation comes last: per spectrogram (each row's mean first taken
     off, with DataConfig.SUBTRACT_ROW_MEANS), or with the train split's statistics (normalization.json)
     when DataConfig.USE_GLOBAL_NORMALIZATION is set.
+    `silenced_rows` (a slice of rows, for band_occlusion) are set to DataConfig.fill_value before
+    augmentation and normalisation, so they carry nothing.
     Unreadable items come back as None (dropped by custom_collate_fn) and are counted in `dropped`.
     """
 
     def __init__(self, cache_dir, set_type, n_mels=DataConfig.N_MELS, max_frames_spec=256, augment=False,
-                 data_config=DataConfig(), dataset_name=None, frequency_warp=0.0, equalizer_db=0.0):
+                 data_config=DataConfig(), dataset_name=None, frequency_warp=0.0, equalizer_db=0.0,
+                 silenced_rows=None):
         root = Path(cache_dir) / dataset_name if dataset_name else Path(cache_dir)
         self.split_dir = root / set_type
         self.metadata = read_metadata(self.split_dir)
@@ -1793,6 +1799,7 @@ class AudioDataset(Dataset):
             raise ValueError("TrainingConfig.frequency_warp and equalizer_db act on spectral rows; cepstra "
                              "(DataConfig.FEATURE='lfcc') have none: set both to 0")
         self.frequency_warp, self.equalizer_db = frequency_warp, equalizer_db
+        self.silenced_rows = silenced_rows
         self.norm_stats = None
         if data_config.USE_GLOBAL_NORMALIZATION:
             stats_path = root / "normalization.json"
@@ -1834,6 +1841,8 @@ class AudioDataset(Dataset):
             spec = random_time_crop(spec, self.max_frames_spec)
         # pad (-80 dB) or crop to max_frames_spec; a crop of a shorter spectrogram stays short
         spec = torch.from_numpy(fit_frames(spec.numpy(), self.max_frames_spec, self.data_config.fill_value))
+        if self.silenced_rows is not None:
+            spec[:, self.silenced_rows] = self.data_config.fill_value
         if self.augment:
             spec = speaker_channel_augment(spec, self.frequency_warp, self.equalizer_db)
             spec = spec_augment(spec, self.data_config)
@@ -2606,15 +2615,53 @@ def score_segments(model, dataset, device, batch_size=32):
     return frame
 
 
-def score_split(model, cache_dir, dataset_name, split="test", device="cpu", data_config=DataConfig()):
-    """Segment scores of one split of a processed dataset, after checking the model fits its shape."""
+def split_dataset_for(model, cache_dir, dataset_name, split="test", data_config=DataConfig()):
+    """One split of a processed dataset as the model's input, after checking the model fits its shape."""
     model_config = make_model_config(dataset_name, data_config)
     if model.config.image_width != model_config.max_frames_spec or model.config.image_height != data_config.N_MELS:
         raise ValueError(f"the model takes {model.config.image_height}x{model.config.image_width} spectrograms "
                          f"but {dataset_name} has {data_config.N_MELS}x{model_config.max_frames_spec}")
-    dataset = AudioDataset(Path(cache_dir) / dataset_name, split, data_config.N_MELS, model_config.max_frames_spec,
-                           data_config=data_config)
-    return score_segments(model, dataset, device)
+    return AudioDataset(Path(cache_dir) / dataset_name, split, data_config.N_MELS, model_config.max_frames_spec,
+                        data_config=data_config)
+
+
+def score_split(model, cache_dir, dataset_name, split="test", device="cpu", data_config=DataConfig()):
+    """Segment scores of one split of a processed dataset."""
+    return score_segments(model, split_dataset_for(model, cache_dir, dataset_name, split, data_config), device)
+
+
+def row_frequencies(data_config=DataConfig()):
+    """The n_mels + 2 filter edges in Hz of the spectrogram's rows: row i spans edges i to i + 2.
+    None for cepstra (FEATURE="lfcc"), whose rows are not frequency bands."""
+    import librosa
+    if data_config.FEATURE == "lfcc":
+        return None
+    if data_config.FEATURE == "linear":
+        return np.linspace(data_config.FMIN, data_config.FMAX, data_config.N_MELS + 2)
+    return librosa.mel_frequencies(data_config.N_MELS + 2, fmin=data_config.FMIN, fmax=data_config.FMAX)
+
+
+def band_occlusion(model, dataset, rows_per_band=16, device="cpu"):
+    """Which frequency bands the decision rests on: the split scored again with each band of
+    `rows_per_band` rows silenced (AudioDataset.silenced_rows), beside the intact segments. Per band:
+    the segment-level EER and each class's mean score (log-odds of bona fide). A band whose loss
+    pulls both classes' scores toward 0 and the EER up carries the decision; unlike an attention
+    map, this measures what the output depends on."""
+    edges = row_frequencies(dataset.data_config)
+    rows = []
+    for first in [None, *range(0, dataset.n_mels, rows_per_band)]:
+        occluded = copy.copy(dataset)
+        occluded.silenced_rows = None if first is None else slice(first, first + rows_per_band)
+        segments = score_segments(model, occluded, device).dropna(subset=["score"])
+        last = None if first is None else min(first + rows_per_band, dataset.n_mels) - 1
+        rows.append(dict(
+            silenced="none" if first is None else f"rows {first}-{last}",
+            low_hz=np.nan if first is None or edges is None else round(float(edges[first])),
+            high_hz=np.nan if first is None or edges is None else round(float(edges[last + 2])),
+            segment_eer=eer_from_labels(segments["label"], segments["score"])[0],
+            mean_score_bonafide=segments.loc[segments["label"] == 0, "score"].mean(),
+            mean_score_spoof=segments.loc[segments["label"] == 1, "score"].mean()))
+    return pd.DataFrame(rows)
 
 
 def multi_seed_eer(training_config: TrainingConfig, seeds=(42, 43, 44), data_config=DataConfig()):
@@ -3143,6 +3190,35 @@ def plot_score_histograms(files, save_path=None, title="File-level scores"):
     ax.axvline(0, color="k", ls=":", lw=1, label="p(fake) = 0.5")
     ax.set(xlabel="score = logit(real) - logit(fake)   (higher = more bona fide)", ylabel="files", title=title)
     ax.legend()
+    if save_path:
+        save_figure(fig, save_path)
+    return fig
+
+
+def plot_band_occlusion(table, save_path=None):
+    """band_occlusion's table: the segment EER and each class's mean score with each band silenced,
+    against the intact segments' (dashed)."""
+    import matplotlib.pyplot as plt
+    intact, bands = table.iloc[0], table.iloc[1:]
+    names = [f"{low:.0f}-{high:.0f} Hz" if np.isfinite(low) else rows
+             for rows, low, high in zip(bands["silenced"], bands["low_hz"], bands["high_hz"])]
+    position = np.arange(len(bands))
+    fig, (eer_ax, score_ax) = plt.subplots(1, 2, figsize=(12, 3.8), sharex=True)
+    eer_ax.bar(position, bands["segment_eer"], color="tab:gray")
+    eer_ax.axhline(intact["segment_eer"], color="k", ls="--", lw=1, label="nothing silenced")
+    eer_ax.set(ylabel="segment-level EER", ylim=(0, max(0.55, bands["segment_eer"].max() * 1.1)),
+               title="EER with one band silenced")
+    for label, name in enumerate(CLASS_NAMES):
+        column = f"mean_score_{'bonafide' if label == 0 else 'spoof'}"
+        score_ax.plot(position, bands[column], "o-", color=CLASS_COLORS[name], label=name)
+        score_ax.axhline(intact[column], color=CLASS_COLORS[name], ls="--", lw=1)
+    score_ax.axhline(0, color="k", ls=":", lw=1)
+    score_ax.set(ylabel="mean score (higher = more bona fide)", title="Each class's mean score (dashed: intact)")
+    for ax in (eer_ax, score_ax):
+        ax.set_xticks(position, names, rotation=45, ha="right")
+        ax.set_xlabel("silenced band")
+        ax.legend()
+    fig.tight_layout()
     if save_path:
         save_figure(fig, save_path)
     return fig

@@ -1,21 +1,25 @@
 """Training and inference throughput of AudioViT against a plain reference, and data-loader throughput.
 
+The model is the one the default recipe trains (TrainingConfig(): its patch embedding, its dataset's
+spectrogram size, its optimiser); --original measures the original notebook's (TrainingConfig.original():
+linear patch embedding, 128 x 256 spectrograms, Adam).
 For every model size: the model as the project trains it (vit_lib.speed_up(AudioViT(config)):
 attention through scaled_dot_product_attention where that is faster, vit_lib.fast_dropout's CPU mask,
 fp32) and, optionally, that model under torch.compile or CUDA autocast, each against the plain model
 of the same architecture with the same weights: AudioViT(config) as written (matmul/softmax
 attention, torch's nn.Dropout, fp32, no compile).
-Train = forward + cross-entropy + backward + Adam step; infer = no_grad forward in eval mode.
+Train = forward + cross-entropy + backward + optimiser step; infer = no_grad forward in eval mode.
 Each figure is the median over --repeats timings of --iters (training) or --infer-iters steps,
 after --warmup steps.
 
 FLOPs are counted analytically (a multiply-add is 2 FLOPs), per sample, n = num_patches + 1 tokens:
-  patch embedding   2 * num_patches * patch_dim * dim
+  patch embedding   linear: 2 * num_patches * patch_dim * dim
+                    conv: each convolution, 2 * output positions * c_in * c_out * kernel area
   each layer        2 * n * (dim * 3 * dim  +  dim * dim  +  2 * dim * mlp_dim)   (qkv, out, MLP)
                   + 2 * 2 * n * n * dim                                        (Q K^T and A V, all heads)
   head              2 * dim * num_classes
   train = forward + backward = 3 x forward (backward counted as 2 x forward).
-LayerNorm, softmax, GELU, dropout and the optimizer are not counted (they are memory-bound).
+LayerNorm, BatchNorm, softmax, GELU, dropout and the optimizer are not counted (they are memory-bound).
 "samples/s" is the median over the repeats, "best" the fastest repeat (less sensitive to other load);
 "x reference" is the median over the repeats of the speed ratio within a repeat, where the variants
 run one after the other, so that a drift in the machine's speed cancels out.
@@ -48,12 +52,23 @@ import vit_lib  # noqa: E402
 from load_monitor import cpu_snapshot, other_load  # noqa: E402
 
 
+def patch_embedding_flops(config):
+    if config.patch_embedding == "linear":
+        return 2 * config.num_patches * config.patch_dim * config.dim
+    height, width, flops = config.image_height, config.image_width, 0
+    for conv in vit_lib.conv_patch_embedding(config).modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            height = (height + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+            width = (width + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+            flops += 2 * height * width * conv.weight.numel()
+    return flops
+
+
 def forward_flops(config):
     """Analytic forward FLOPs per sample (see the module docstring)."""
     n, d = config.num_patches + 1, config.dim
     per_layer = 2 * n * (d * 3 * d + d * d + 2 * d * config.mlp_dim) + 2 * 2 * n * n * d
-    return (2 * config.num_patches * config.patch_dim * d + config.depth * per_layer
-            + 2 * d * config.num_classes)
+    return patch_embedding_flops(config) + config.depth * per_layer + 2 * d * config.num_classes
 
 
 def sync(device):
@@ -79,17 +94,18 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
 
 
-def make_step(model, mode, inputs, labels, device, amp_dtype, fast):
-    """One training step (forward, loss, backward, Adam) or one inference forward. The project's
-    variants build Adam as run_training does (vit_lib.make_optimizer: fused), the reference
-    uses torch.optim.Adam's default per-parameter loop."""
+def make_step(model, mode, inputs, labels, device, amp_dtype, fast, recipe):
+    """One training step (forward, loss, backward, optimiser) or one inference forward. The project's
+    variants build the recipe's optimiser as run_training does (vit_lib.make_optimizer: fused), the
+    reference the same optimiser as PyTorch's per-parameter loop."""
     if mode == "infer":
         def step():
             with torch.no_grad(), autocast(device, amp_dtype):
                 model(inputs)
         return step
-    optimizer = (vit_lib.make_optimizer(model, vit_lib.TrainingConfig(), device) if fast
-                 else torch.optim.Adam(model.parameters(), lr=vit_lib.TrainingConfig().learning_rate))
+    optimizer = (vit_lib.make_optimizer(model, recipe, device) if fast else
+                 (torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam)(
+                     model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay, foreach=False))
     criterion = torch.nn.CrossEntropyLoss()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -136,7 +152,9 @@ def variants_for(args, device):
 def bench_model_size(size, args, device, peak):
     """Rows for one model size. The variants' timings are interleaved (reference, AudioViT, ...,
     reference, AudioViT, ...) so that a change in machine load between them does not bias the ratios."""
-    config = vit_lib.make_vit_config(size, (vit_lib.DataConfig.N_MELS, args.frames))
+    recipe = args.recipe
+    frames = vit_lib.ALL_MODEL_CONFIGS[recipe.dataset_name].max_frames_spec
+    config = vit_lib.make_vit_config(size, (vit_lib.DataConfig.N_MELS, frames), patch_embedding=recipe.patch_embedding)
     torch.manual_seed(0)
     torch._dynamo.reset()  # a compiled variant compiles from scratch, with static shapes
     variants = variants_for(args, device)
@@ -169,7 +187,7 @@ def bench_model_size(size, args, device, peak):
         steps, first_calls = [], []
         for runner, (_, fast, _, amp_dtype, _) in zip(runners, variants):
             runner.train(mode == "train")
-            steps.append(make_step(runner, mode, inputs, labels, device, amp_dtype, fast))
+            steps.append(make_step(runner, mode, inputs, labels, device, amp_dtype, fast, recipe))
             first_calls.append(timed(steps[-1], device))
             timed(steps[-1], device, args.warmup - 1)
         if max_diff is None:
@@ -196,20 +214,20 @@ def bench_model_size(size, args, device, peak):
     return sorted(rows, key=lambda r: order[r["mode"]])  # stable: variants keep their order
 
 
-def prepared_fixture(cache_dir):
-    """Fixture corpus -> processed vit_balanced_dataset under cache_dir (kept if already there)."""
+def prepared_fixture(cache_dir, dataset_name):
+    """Fixture corpus -> the processed dataset under cache_dir (kept if already there)."""
     cache_dir = Path(cache_dir)
     corpus = cache_dir / "fixture_audio"
     if not (corpus / "speakers.csv").is_file():
         vit_lib.make_fixture_corpus(corpus)
-    vit_lib.prepare_dataset(corpus, "vit_balanced_dataset", "folder", cache_dir, progress=False)
-    return cache_dir / "vit_balanced_dataset"
+    vit_lib.prepare_dataset(corpus, dataset_name, "folder", cache_dir, progress=False)
+    return cache_dir / dataset_name
 
 
 def bench_loader(dataset_dir, workers, epochs, batch_size):
     """Loader-only samples/s over `epochs` epochs after one untimed epoch (which starts the workers)."""
     dataset = vit_lib.AudioDataset(dataset_dir, "train", vit_lib.DataConfig.N_MELS,
-                                   vit_lib.ALL_MODEL_CONFIGS["vit_balanced_dataset"].max_frames_spec, augment=True)
+                                   vit_lib.ALL_MODEL_CONFIGS[dataset_dir.name].max_frames_spec, augment=True)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                         collate_fn=vit_lib.custom_collate_fn, persistent_workers=workers > 0)
     start = time.perf_counter()
@@ -242,7 +260,7 @@ def markdown_table(rows, columns):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(vit_lib.VIT_SIZES), choices=list(vit_lib.VIT_SIZES))
-    parser.add_argument("--frames", type=int, default=256, help="spectrogram width (height is N_MELS=128)")
+    parser.add_argument("--original", action="store_true", help="the original notebook's model and optimiser")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps, the first call included (>= 1)")
     parser.add_argument("--iters", type=int, default=2, help="timed training steps per repeat")
@@ -266,6 +284,7 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=None, help="where the fixture dataset is built (default: a temp folder)")
     parser.add_argument("--json", default=None, help="write every row here")
     args = parser.parse_args(argv)
+    args.recipe = vit_lib.TrainingConfig.original() if args.original else vit_lib.TrainingConfig()
     args.warmup = max(1, args.warmup)
     if args.compile and not args.warm_compile_cache:  # first call = a cold compile, as on a fresh machine
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_cache_")
@@ -279,6 +298,10 @@ def main(argv=None):
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, flags: {cpu_flags()})"))
     print(f"threads: torch {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}")
+    recipe = args.recipe
+    print(f"model: {recipe.patch_embedding} patch embedding, {vit_lib.DataConfig.N_MELS} x "
+          f"{vit_lib.ALL_MODEL_CONFIGS[recipe.dataset_name].max_frames_spec} spectrograms ({recipe.dataset_name}), "
+          f"{recipe.optimizer}, batch {args.batch_size}" + (" (the original notebook's)" if args.original else ""))
     snapshot = cpu_snapshot()
     peak = matmul_peak_gflops(device, args.peak_size)
     print(f"fp32 matmul peak ({args.peak_size}x{args.peak_size}): {peak:.1f} GFLOP/s "
@@ -318,7 +341,7 @@ def main(argv=None):
     if not args.no_loader:
         workers = args.loader_workers or sorted({vit_lib.TrainingConfig().num_workers, 2})
         with tempfile.TemporaryDirectory() as temp:
-            dataset_dir = prepared_fixture(args.cache_dir or temp)
+            dataset_dir = prepared_fixture(args.cache_dir or temp, args.recipe.dataset_name)
             for count in workers:
                 loader_rows.append(bench_loader(dataset_dir, count, args.loader_epochs, args.batch_size))
         small = next((r for r in rows if r["size"] == args.sizes[0] and r["mode"] == "train"
@@ -341,7 +364,9 @@ def main(argv=None):
     if args.json:
         meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
                     threads=torch.get_num_threads(), command=sys.argv, device=str(device), cpu_flags=cpu_flags(),
-                    peak_gflops=peak, batch_size=args.batch_size, frames=args.frames, other_cpu_share=others)
+                    peak_gflops=peak, batch_size=args.batch_size, dataset=args.recipe.dataset_name,
+                    patch_embedding=args.recipe.patch_embedding, optimizer=args.recipe.optimizer,
+                    other_cpu_share=others)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(meta=meta, model_rows=rows, loader_rows=loader_rows), indent=2))
         print(f"rows written to {args.json}")

@@ -1,5 +1,6 @@
 """Unit tests for the shortcut audit: the recording facts preparation stores per clip, the spectral
-envelope reference read from a processed split, and the verdict set beside the model's EER.
+envelope reference read from a processed split, and the verdict set beside the model's EER; and for
+band occlusion, which measures the frequency bands a model's decision rests on.
 
 Every signal has a known answer (a DC-shifted sine, white vs band-limited noise, a tone with quiet gaps,
 a file stored at 8 kHz); the envelope test writes tiny spectrograms whose classes differ only in tilt.
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import torch
 
 import vit_lib
 from vit_lib import DatasetError, audit_verdict, band_statistics, recording_facts, shortcut_audit
@@ -201,3 +203,63 @@ def test_verdict_without_the_envelope_says_it_was_not_computed():
     audit = example_audit().iloc[:3]
     assert "spectral envelope not computed" in audit_verdict(audit, 0.01)
     assert "clearly better: its EER" in audit_verdict(audit, 0.01)
+
+
+# ---------------------------------------------------------------- band occlusion
+class LowRowsDetector(torch.nn.Module):
+    """Reads only rows 0-3: the more they move, the more bona fide (score = 2 x their mean |z|, rounded
+    so that the float residue of a silenced row reads as exactly 0 on every machine)."""
+
+    def forward(self, x):
+        movement = x[:, 0, :4].abs().mean((1, 2)).round(decimals=3)
+        return torch.stack([movement, -movement], dim=1)
+
+
+def write_low_row_split(split_dir, rng, n_files=6, rows=8, frames=16):
+    """Bona fide segments move in rows 0-3 (+-10 dB from frame to frame), spoofed ones are flat there;
+    rows 4-7 are the same noise for both."""
+    split_dir.mkdir(parents=True)
+    records = []
+    for index in range(2 * n_files):
+        label = index % 2
+        spec = -40 + rng.normal(0, 3, (rows, frames))
+        spec[:4] = -20 + (0 if label else 10 * (-1) ** np.arange(frames))
+        np.save(split_dir / f"s{index}.npy", spec[None].astype(np.float32))
+        records.append(dict(npy_path=f"s{index}.npy", original_path=f"f{index}.wav", label=label, segment_index=0))
+    pd.DataFrame(records).to_csv(split_dir / "metadata.csv", index=False)
+
+
+def test_silenced_rows_carry_nothing_and_leave_the_others_as_they_were(tmp_path):
+    write_low_row_split(tmp_path / "test", np.random.default_rng(0))
+    data_config = vit_lib.DataConfig(N_MELS=8)
+    intact = vit_lib.AudioDataset(tmp_path, "test", 8, 16, data_config=data_config)[0][0]
+    silenced = vit_lib.AudioDataset(tmp_path, "test", 8, 16, data_config=data_config, silenced_rows=slice(0, 4))[0][0]
+    assert silenced[0, :4].abs().max() < 1e-5  # a constant row loses its mean: nothing left
+    assert intact[0, :4].abs().sum() > 0
+    # the other rows change only through the spectrogram's overall std
+    ratio = silenced[0, 4:] / intact[0, 4:]
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-4)
+
+
+def test_band_occlusion_finds_the_rows_a_detector_reads(tmp_path):
+    write_low_row_split(tmp_path / "test", np.random.default_rng(0))
+    data_config = vit_lib.DataConfig(N_MELS=8)
+    dataset = vit_lib.AudioDataset(tmp_path, "test", 8, 16, data_config=data_config)
+    table = vit_lib.band_occlusion(LowRowsDetector(), dataset, rows_per_band=4).set_index("silenced")
+    assert table.index.tolist() == ["none", "rows 0-3", "rows 4-7"]
+    assert table.loc["none", "segment_eer"] == 0.0 and table.loc["rows 4-7", "segment_eer"] == 0.0
+    assert table.loc["rows 0-3", "segment_eer"] >= 0.5  # every score tied: nothing separates the classes
+    assert table.loc["rows 0-3", ["mean_score_bonafide", "mean_score_spoof"]].tolist() == [0.0, 0.0]
+    assert table.loc["none", "mean_score_bonafide"] > 1 and table.loc["none", "mean_score_spoof"] == 0.0
+    edges = vit_lib.row_frequencies(data_config)
+    assert table.loc["rows 0-3", ["low_hz", "high_hz"]].tolist() == [0, round(edges[5])]
+    assert table.loc["rows 4-7", "high_hz"] == 8000 and dataset.silenced_rows is None
+
+
+def test_row_frequencies_follow_the_front_end():
+    mel = vit_lib.row_frequencies(vit_lib.DataConfig())
+    assert len(mel) == 130 and mel[0] == 0 and mel[-1] == pytest.approx(8000)
+    assert np.diff(mel)[0] < np.diff(mel)[-1]  # mel bands widen with frequency
+    linear = vit_lib.row_frequencies(vit_lib.DataConfig(FEATURE="linear", FMIN=100.0))
+    np.testing.assert_allclose(np.diff(linear), (8000 - 100) / 129)
+    assert vit_lib.row_frequencies(vit_lib.DataConfig(FEATURE="lfcc")) is None
