@@ -103,7 +103,7 @@ def main():
     if not args.models and not args.gmm:
         parser.error("nothing to run: name --models, or give --gmm")
     recipe = (vit_lib.TrainingConfig.original if args.original else vit_lib.TrainingConfig)(
-        **parsed_fields(vit_lib.TrainingConfig, args.set))
+        **{**parsed_fields(vit_lib.TrainingConfig, args.set), **({"epochs": args.epochs} if args.epochs else {})})
     data_config = (vit_lib.DataConfig.original if args.original else vit_lib.DataConfig)(
         **parsed_fields(vit_lib.DataConfig, args.data))
     vit_lib.prepare_dataset(args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, data_config,
@@ -116,8 +116,6 @@ def main():
             overrides = dict(model_size=model_size, seed=seed, run_name=run_name, cache_dir=args.cache_dir,
                              results_dir=str(out), checkpoint_dir=str(Path("checkpoints") / out.name),
                              wandb_mode="disabled", progress=False)
-            if args.epochs:
-                overrides["epochs"] = args.epochs
             config = vit_lib.TrainingConfig(**{**asdict(recipe), **overrides})
             scored, seconds = train_and_score(config, data_config)
             rows.append(eer_row(model_size, seed, scored, seconds))
