@@ -19,7 +19,7 @@ def test_notebook_parameters_fall_back_to_the_fixture_defaults(monkeypatch):
         monkeypatch.delenv(variable, raising=False)
     corpus, audio_dir, epochs, seeds, progress, workers, pattern = vit_lib.notebook_parameters(
         "CORPUS", "AUDIO_DIR", "EPOCHS", "SEEDS", "SHOW_PROGRESS", "NUM_WORKERS", "SPEAKER_PATTERN")
-    assert (corpus, audio_dir, epochs, seeds) == ("folder", str(vit_lib.FIXTURE_AUDIO_DIR), 6, [42])
+    assert (corpus, audio_dir, epochs, seeds) == ("folder", str(vit_lib.FIXTURE_AUDIO_DIR), 10, [42])
     assert (progress, workers, pattern) == (True, None, None)
 
 
