@@ -36,11 +36,11 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks $(ALLOW_ROOT)
 
 # Re-create the committed notebook outputs and results/ from a clean fixture run (after changing code or
-# prose), on CPU with two threads as the test session runs them (conftest.py).
+# prose), on CPU in fp32 with two threads as the test session runs them (conftest.py).
 notebooks: $(STAMP)
 	rm -rf data/fixture_audio data/processed checkpoints/*.pth
 	$(BIN)/jupyter nbconvert --clear-output --inplace $(NOTEBOOKS)
-	VIT_PROGRESS=0 WANDB_MODE=offline VIT_DEVICE=cpu OMP_NUM_THREADS=2 $(BIN)/jupyter nbconvert --to notebook --execute --inplace $(NOTEBOOKS)
+	VIT_PROGRESS=0 WANDB_MODE=offline VIT_DEVICE=cpu VIT_MIXED_PRECISION=off OMP_NUM_THREADS=2 $(BIN)/jupyter nbconvert --to notebook --execute --inplace $(NOTEBOOKS)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

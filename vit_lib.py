@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import hashlib
 import io
 import itertools
@@ -17,6 +18,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import platform
 import random
 import re
 import shutil
@@ -26,6 +28,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -248,6 +251,9 @@ ViT_Medium = make_vit_config("ViT_Medium")
 ViT_Large = make_vit_config("ViT_Large")
 
 
+MIXED_PRECISION_SETTINGS = ("auto", "on", "off")
+
+
 @dataclass
 class TrainingConfig:
     """How a model is trained. The defaults are the recipe that learns recorded against synthetic
@@ -282,7 +288,10 @@ class TrainingConfig:
     # "conv": tokens from 3x3 convolutions (see conv_patch_embedding); "linear": vit-pytorch's
     # flattened patch and linear layer, the original notebook's.
     patch_embedding: str = "conv"
-    mixed_precision: bool = True         # only ever used on CUDA
+    # Autocast the forward pass to 16-bit floats where the hardware runs them fast: "auto" chooses by
+    # the device (see choose_precision), "on" autocasts wherever the device has a 16-bit type, "off"
+    # trains in fp32. The weights, the optimiser's state, the loss and the scores stay fp32.
+    mixed_precision: str = "auto"
     speed_up: bool = True                # faster dropout and attention kernels (see speed_up), same results
     early_stopping_patience: int | None = None
     select_best_by: str = "val_eer"      # "val_eer", or "val_f1" (the original recipe)
@@ -302,6 +311,8 @@ class TrainingConfig:
         return cls(**{**recipe, **overrides})
 
     def __post_init__(self):
+        if isinstance(self.mixed_precision, bool):   # configs and checkpoints from before it had three values
+            self.mixed_precision = "auto" if self.mixed_precision else "off"
         if self.model_size not in {**VIT_SIZES, **CNN_SIZES}:
             raise ValueError(f"Unknown model_size {self.model_size!r}; "
                              f"choose one of {[*VIT_SIZES, *CNN_SIZES]}")
@@ -324,7 +335,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be positive or None, got {getattr(self, name)!r}")
         choices = {"optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "warmup_cosine"),
                    "class_balance": ("none", "weighted_loss", "balanced_sampler"),
-                   "select_best_by": ("val_f1", "val_eer"), "patch_embedding": ("linear", "conv")}
+                   "select_best_by": ("val_f1", "val_eer"), "patch_embedding": ("linear", "conv"),
+                   "mixed_precision": MIXED_PRECISION_SETTINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -350,7 +362,11 @@ class AudioError(Exception):
 # libsndfile cannot read, or the file is reported as needing it.
 SNDFILE_EXTENSIONS = {".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".aifc",
                       ".au", ".snd"}
-FFMPEG_EXTENSIONS = {".aac", ".m4a", ".mp4", ".webm", ".wma", ".amr", ".mka"}
+# ffmpeg's demuxer for each extension it decodes. It is forced: left to itself ffmpeg picks one by
+# content, and a playlist named .aac would have it read other files (or probe whether they exist).
+FFMPEG_DEMUXERS = {".aac": "aac", ".m4a": "mov", ".mp4": "mov", ".webm": "matroska", ".mka": "matroska",
+                   ".wma": "asf", ".amr": "amr"}
+FFMPEG_EXTENSIONS = set(FFMPEG_DEMUXERS)
 
 
 def _libsndfile_failure(error, path):
@@ -367,11 +383,16 @@ def _check_not_cut_off(extra_info):
                          f"only {declared.group(2)} present")
 
 
+def _sndfile_name(path):
+    """`path` as soundfile opens it: a name that is not UTF-8 as its bytes (soundfile encodes text strictly)."""
+    return str(path) if _is_utf8(str(path)) else os.fsencode(path)
+
+
 def _decode_with_libsndfile(path):
     import soundfile as sf
     try:
-        audio, file_sr = sf.read(path, dtype="float32", always_2d=True)
-        extra_info = sf.info(path).extra_info
+        audio, file_sr = sf.read(_sndfile_name(path), dtype="float32", always_2d=True)
+        extra_info = sf.info(_sndfile_name(path)).extra_info
     except Exception as error:
         raise _libsndfile_failure(error, path) from None
     _check_not_cut_off(extra_info)
@@ -380,11 +401,17 @@ def _decode_with_libsndfile(path):
 
 def _ffmpeg_command(path):
     """ffmpeg writing all of `path`'s channels at its own rate, as 32-bit float WAV, to stdout, so the
-    downmix and resampling after it are the same as for libsndfile's formats."""
+    downmix and resampling after it are the same as for libsndfile's formats. It reads `path` alone:
+    its demuxer comes from the extension (FFMPEG_DEMUXERS) and no protocol but the file is allowed."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise AudioError(f"needs ffmpeg (apt-get install ffmpeg) to decode {path.suffix.lower()} files")
-    return [ffmpeg, "-nostdin", "-v", "error", "-i", f"file:{path}", "-f", "wav", "-c:a", "pcm_f32le", "-"]
+    return [ffmpeg, "-nostdin", "-v", "error", *_ffmpeg_input(path), "-f", "wav", "-c:a", "pcm_f32le", "-"]
+
+
+def _ffmpeg_input(path):
+    """ffmpeg's (and ffprobe's) options to read `path` and nothing else (see _ffmpeg_command)."""
+    return ["-protocol_whitelist", "file", "-f", FFMPEG_DEMUXERS[path.suffix.lower()], "-i", f"file:{path}"]
 
 
 def _ffmpeg_failure(returncode, stderr, path):
@@ -421,6 +448,16 @@ def _checked_audio_path(path):
     return path
 
 
+# Below this a recording holds no speech band worth the name (a telephone's 8 kHz keeps 0-4 kHz), and
+# resampling it to DataConfig.SR would multiply every decoded block by SR / rate: 16,000 times at 1 Hz.
+MIN_SAMPLE_RATE = 4000
+
+
+def _check_sample_rate(file_sr):
+    if file_sr < MIN_SAMPLE_RATE:
+        raise AudioError(f"sample rate {file_sr} Hz is below the {MIN_SAMPLE_RATE} Hz minimum")
+
+
 def _needs_ffmpeg(path):
     return path.suffix.lower() in FFMPEG_EXTENSIONS
 
@@ -431,6 +468,7 @@ def load_audio(path, sr=DataConfig.SR):
     import soxr
     path = _checked_audio_path(path)
     audio, file_sr = (_decode_with_ffmpeg if _needs_ffmpeg(path) else _decode_with_libsndfile)(path)
+    _check_sample_rate(file_sr)
     if audio.size == 0:
         raise AudioError("no samples")
     if not np.isfinite(audio).all():
@@ -644,11 +682,11 @@ def original_sample_rate(path):
     of the header, else from ffprobe (for the formats ffmpeg decodes); NaN when neither can tell."""
     import soundfile as sf
     with contextlib.suppress(Exception):
-        return sf.info(str(path)).samplerate
+        return sf.info(_sndfile_name(path)).samplerate
     ffprobe = shutil.which("ffprobe")
-    if ffprobe is not None:
+    if ffprobe is not None and _needs_ffmpeg(Path(path)):
         result = subprocess.run([ffprobe, "-v", "error", "-select_streams", "a:0", "-show_entries",
-                                 "stream=sample_rate", "-of", "csv=p=0", f"file:{path}"],
+                                 "stream=sample_rate", "-of", "csv=p=0", *_ffmpeg_input(Path(path))],
                                 capture_output=True, text=True)
         if result.stdout.strip().isdigit():
             return int(result.stdout)
@@ -732,7 +770,7 @@ def _libsndfile_blocks(path, frames):
     libsndfile with _decode_with_libsndfile's checks."""
     import soundfile as sf
     try:
-        handle = sf.SoundFile(path)
+        handle = sf.SoundFile(_sndfile_name(path))
     except Exception as error:
         raise _libsndfile_failure(error, path) from None
     with handle:
@@ -808,6 +846,7 @@ def stream_audio(path, sr=DataConfig.SR, block_frames=STREAM_BLOCK_FRAMES):
     read = _ffmpeg_blocks if _needs_ffmpeg(path) else _libsndfile_blocks
     with contextlib.closing(read(path, block_frames)) as blocks:
         file_sr = next(blocks)
+        _check_sample_rate(file_sr)
         resampler = soxr.ResampleStream(file_sr, sr, 1, dtype="float32") if file_sr != sr else None
         decoded = 0
         for block in blocks:
@@ -1007,6 +1046,26 @@ def clip_to_spectrograms(path, model_config, data_config=DataConfig()):
 
 
 # ---------------------------------------------------------------- atomic files
+class MachineFault(Exception):
+    """A fault of the machine or of the place a run writes to (a full disk, no memory, no permission,
+    a killed worker), not of the file being read: the run stops with this message, and a rerun tries
+    that file again (it is never listed as unusable)."""
+
+
+# errno values that say the machine failed, whichever file was being read or written
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EROFS, errno.EMFILE, errno.ENFILE}
+
+
+def is_machine_fault(error):
+    return isinstance(error, (MachineFault, MemoryError)) or (
+        isinstance(error, OSError) and error.errno in MACHINE_ERRNOS)
+
+
+def machine_fault_reason(error):
+    """One line for a machine fault: "out of memory", or the error's own text."""
+    return "out of memory" if isinstance(error, MemoryError) else str(error)
+
+
 def _new_file_mode():
     """The mode open() gives a new file (0o666 less the umask): mkstemp's private 0o600 would hide
     datasets and checkpoints from the other users of a shared machine."""
@@ -1020,15 +1079,19 @@ def atomic_write(path, mode="wb"):
     """Write to a temporary file beside `path`, then rename: readers never see half a file.
     A link keeps pointing where it did (the file it leads to is replaced). A pipe, a device, or a
     name under /dev or /proc (/dev/stdout: whatever the shell redirected it to) is a stream that
-    replacing would cut off from its reader, so it is written straight through."""
+    replacing would cut off from its reader, so it is written straight through. A failed write (a
+    full disk, no permission) raises MachineFault naming `path`."""
     path = Path(path)
-    if path.as_posix().startswith(("/dev/", "/proc/")) or (path.exists() and not path.is_file()):
-        with open(path, mode) as handle:
-            yield handle
-        return
-    path = path.resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if path.as_posix().startswith(("/dev/", "/proc/")) or (path.exists() and not path.is_file()):
+            with open(path, mode) as handle:
+                yield handle
+            return
+        path = path.resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise MachineFault(f"cannot write {display_path(path)}: {error.strerror or error}") from None
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -1036,9 +1099,11 @@ def atomic_write(path, mode="wb"):
             os.fsync(handle.fileno())
         os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise MachineFault(f"cannot write {display_path(path)}: {error.strerror or error}") from None
         raise
 
 
@@ -1125,6 +1190,20 @@ def _audio_files(folder):
     return [p for p in _walk_files(folder)[0] if _is_audio(p)]
 
 
+def read_list_file(path):
+    """The text of a corpus's list (protocol, meta.csv, speakers.csv); a ValueError naming the file
+    when it is empty or not UTF-8."""
+    data = Path(path).read_bytes()
+    if not data.strip():
+        raise ValueError(f"{path}: empty file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8 text (line {line}, byte 0x{data[error.start]:02x}); "
+                         f"save it as UTF-8") from None
+
+
 def read_folder_corpus(root, speaker_pattern=None):
     """`root/real/**` and `root/fake/**`. Speakers from `root/speakers.csv` (file,speaker with
     file relative to root) or from the first group of `speaker_pattern` matched against the file
@@ -1133,13 +1212,16 @@ def read_folder_corpus(root, speaker_pattern=None):
     _require_dir(root, "Corpus root")
     for name in ("real", "fake"):
         _require_dir(root / name, f"Folder corpus needs {name}/: folder")
+    if speaker_pattern:
+        _check_speaker_pattern(speaker_pattern)
     speakers = {}
     if (root / "speakers.csv").is_file():
-        table = pd.read_csv(root / "speakers.csv", dtype=str)
+        table = pd.read_csv(io.StringIO(read_list_file(root / "speakers.csv")), dtype=str)
         if not {"file", "speaker"} <= set(table.columns):
             raise ValueError(f"{root / 'speakers.csv'}: needs columns 'file' and 'speaker', "
                              f"found {list(table.columns)}")
-        speakers = {file: speaker for file, speaker in zip(table["file"], table["speaker"]) if pd.notna(speaker)}
+        speakers = {file: speaker for file, speaker in zip(table["file"], table["speaker"])
+                    if pd.notna(speaker) and speaker.strip()}
     rows, skipped, unnamed = [], [], []
     for label, name in enumerate(("real", "fake")):
         paths, not_followed = _walk_files(root / name, root)
@@ -1159,6 +1241,16 @@ def read_folder_corpus(root, speaker_pattern=None):
     if (root / "speakers.csv").is_file() or speaker_pattern:
         _require_every_speaker(unnamed, len(rows), speaker_pattern, (root / "speakers.csv").is_file())
     return pd.DataFrame(rows, columns=CORPUS_COLUMNS), skipped
+
+
+def _check_speaker_pattern(pattern):
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as error:
+        raise ValueError(f"the speaker pattern {pattern!r} is not a regular expression: {error}") from None
+    if not groups:
+        raise ValueError(f"the speaker pattern {pattern!r} has no group: put the speaker's part of the file name "
+                         f"in parentheses, e.g. '^(spk\\d+)_'")
 
 
 def _require_every_speaker(unnamed, total, speaker_pattern, have_speakers_csv):
@@ -1191,7 +1283,7 @@ def read_asvspoof2019_la(root):
     rows, skipped = [], []
     for split, protocol in protocols.items():
         audio_dir = root / f"ASVspoof2019_LA_{ASVSPOOF_SPLITS[split][0]}" / "flac"
-        for number, line in enumerate(protocol.read_text().splitlines(), 1):
+        for number, line in enumerate(read_list_file(protocol).splitlines(), 1):
             where = f"{protocol}:{number}"
             fields_ = line.split()
             if not fields_:
@@ -1245,7 +1337,7 @@ def read_in_the_wild(root):
     meta_path = root / "meta.csv"
     if not meta_path.is_file():
         raise FileNotFoundError(f"In-the-Wild metadata file not found: {meta_path}")
-    meta = pd.read_csv(meta_path, dtype=str)
+    meta = pd.read_csv(io.StringIO(read_list_file(meta_path)), dtype=str)
     missing = {"file", "speaker", "label"} - set(meta.columns)
     if missing:
         raise ValueError(f"{meta_path}: missing column(s) {sorted(missing)}")
@@ -1280,8 +1372,38 @@ def read_corpus(corpus, root, speaker_pattern=None):
     if corpus not in readers:
         raise ValueError(f"Unknown corpus {corpus!r}; choose one of {list(readers)}")
     files, skipped = readers[corpus]()
+    files["speaker"] = normalised_speakers(files["speaker"])
     files, repeats = _inside_root_once(files, Path(root))
-    return files, skipped + repeats
+    unnamable = ~files["path"].map(_is_utf8)   # ids, tables and score files need names in one encoding
+    skipped += [(printable_path(os.path.relpath(path, root)), "its name is not valid UTF-8; rename it to use it")
+                for path in files.loc[unnamable, "path"]]
+    skipped = [(printable_path(where), reason) for where, reason in skipped + repeats]
+    return files[~unnamable].reset_index(drop=True), skipped
+
+
+def _is_utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_path(path):
+    """A path as text that any table can hold: bytes of a name that are not UTF-8 (which Python keeps
+    as lone surrogates) written as \\xNN escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def normalised_speakers(speakers):
+    """Speaker names as people mean them: whitespace around and inside a name does not count, and
+    names that differ only in case are one person (written as the first of their spellings in sorted
+    order), so "spk00", "spk00 " and "SPK00" cannot put one person in two splits."""
+    collapsed = speakers.map(lambda name: " ".join(name.split()) if isinstance(name, str) else name)
+    spellings = {}
+    for name in sorted(collapsed.dropna().unique()):
+        spellings.setdefault(name.casefold(), name)
+    return collapsed.map(lambda name: spellings[name.casefold()] if isinstance(name, str) else name)
 
 
 def _inside_root_once(files, root):
@@ -1420,14 +1542,17 @@ def _single_threaded():
 
 
 def _prepare_one(job):
-    """Worker: one original file -> its .npy segments. Never raises: failures become skip reasons."""
+    """Worker: one original file -> its .npy segments. Never raises: a fault of the file becomes its
+    skip reason, a fault of the machine (is_machine_fault) a `fault`, which stops the run unjournaled."""
     path, split_dir, file_id, model_config, data_config = job
     try:
         facts, specs = clip_spectrograms(path, model_config, data_config)
         return _save_segments(specs, facts, split_dir, file_id)   # each spectrogram saved as it is made
     except AudioError as error:
         return dict(file_id=file_id, skip=str(error))
-    except Exception as error:  # a corrupt file must not stop a 100k-file run
+    except Exception as error:  # a corrupt file must not stop a 100k-file run; a full disk must
+        if is_machine_fault(error):
+            return dict(file_id=file_id, fault=machine_fault_reason(error))
         return dict(file_id=file_id, skip=f"{type(error).__name__}: {error}")
 
 
@@ -1436,11 +1561,34 @@ def _save_segments(specs, facts, split_dir, file_id):
     for index, (start, spec, filled) in enumerate(specs):
         npy_path = f"{file_id}_{index:03d}.npy"
         save_npy_atomic(Path(split_dir) / npy_path, spec[None])
-        segments.append(dict(npy_path=npy_path, segment_index=index, start_s=round(start, 3),
-                             filled_fraction=round(filled, 4), **facts))
+        segments.append(dict(npy_path=npy_path, npy_bytes=(Path(split_dir) / npy_path).stat().st_size,
+                             segment_index=index, start_s=round(start, 3), filled_fraction=round(filled, 4), **facts))
         spec64 = spec.astype(np.float64)  # float32 sums of 32k values drift in the 8th digit
         total, total_sq, count = total + float(spec64.sum()), total_sq + float((spec64 ** 2).sum()), count + spec.size
     return dict(file_id=file_id, segments=segments, stats=[total, total_sq, count])
+
+
+def _arrays_intact(split_dir, entry):
+    """Whether every array a journal entry lists is on disk at the size it was written with: a deleted
+    or cut-off one makes its file be prepared again."""
+    for segment in entry.get("segments", []):
+        path = split_dir / segment["npy_path"]
+        if not path.is_file() or path.stat().st_size != segment.get("npy_bytes", path.stat().st_size):
+            return False
+    return True
+
+
+# A temporary file of atomic_write untouched this long belongs to a run that was killed, not to one
+# preparing the same dataset at the same time.
+ABANDONED_AFTER_SECONDS = 3600
+
+
+def _remove_abandoned_temporaries(out_dir):
+    cutoff = time.time() - ABANDONED_AFTER_SECONDS
+    for path in Path(out_dir).rglob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
 
 
 def _read_journal(path):
@@ -1511,7 +1659,9 @@ def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="fo
     journal_path = out_dir / "progress.jsonl"
     journal_entries = _read_journal(journal_path)
     done = {file_id: entry for file_id, entry in journal_entries.items()
-            if file_id in made_from and entry.get("made_from") == made_from[file_id]}
+            if file_id in made_from and entry.get("made_from") == made_from[file_id]
+            and _arrays_intact(out_dir / made_from[file_id]["split"], entry)}
+    _remove_abandoned_temporaries(out_dir)
     jobs = [(row.path, str(out_dir / row.split), row.file_id, model_config, data_config)
             for row in files.itertuples() if row.file_id not in done]
     workers = num_workers or os.cpu_count() or 1
@@ -1531,12 +1681,22 @@ def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="fo
                 from threadpoolctl import threadpool_limits
                 stack.enter_context(threadpool_limits(1))
                 results = map(_prepare_one, jobs)
-            for result in tqdm(results, total=len(jobs), desc=f"Preparing {dataset_name}",
-                               disable=not progress):
-                result["made_from"] = made_from[result["file_id"]]
-                journal.write(json.dumps(result) + "\n")
-                journal.flush()
-                done[result["file_id"]] = result
+            paths = dict(zip(files["file_id"], files["path"]))
+            try:
+                for result in tqdm(results, total=len(jobs), desc=f"Preparing {dataset_name}",
+                                   disable=not progress):
+                    if "fault" in result:
+                        raise MachineFault(f"stopped while preparing {display_path(paths[result['file_id']])}: "
+                                           f"{result['fault']}")
+                    result["made_from"] = made_from[result["file_id"]]
+                    journal.write(json.dumps(result) + "\n")
+                    journal.flush()
+                    done[result["file_id"]] = result
+            except BrokenProcessPool:
+                raise MachineFault("a preparation worker was killed (by the system, most often for lack of "
+                                   "memory); try fewer workers") from None
+            except OSError as error:   # the journal
+                raise MachineFault(f"cannot write {display_path(journal_path)}: {error.strerror or error}") from None
     if jobs or len(journal_entries) != len(done):  # keep only what the dataset is made of
         with atomic_write(journal_path, "w") as journal:
             journal.writelines(json.dumps(done[file_id]) + "\n" for file_id in files["file_id"])
@@ -1827,6 +1987,8 @@ class AudioDataset(Dataset):
             spec = spec[None]
         if spec.ndim != 3 or spec.shape[:2] != (1, self.n_mels):
             raise DatasetError(f"{path}: shape {spec.shape}, expected (1, {self.n_mels}, frames) or ({self.n_mels}, frames)")
+        if not np.isfinite(spec).all():   # one NaN would turn every weight NaN a step later
+            raise DatasetError(f"{path}: non-finite (NaN or inf) values")
         return torch.from_numpy(np.ascontiguousarray(spec, dtype=np.float32))
 
     def __getitem__(self, idx):
@@ -2238,11 +2400,88 @@ def _all_gather(obj):
     return gathered
 
 
-def _autocast(device, enabled):
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+def _cpuinfo_field(*names):
+    """The first /proc/cpuinfo line's value whose key is one of `names` ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            line = next((line for line in cpuinfo if line.split(":")[0].strip() in names), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
+def cpu_flags():
+    """The CPU's instruction-set flags (from /proc/cpuinfo; empty where the system does not have it)."""
+    return set(_cpuinfo_field("flags", "Features").split())
+
+
+def cpu_model():
+    """The CPU's model name, for the records of timed runs."""
+    return _cpuinfo_field("model name", "Model name") or platform.processor() or platform.machine()
+
+
+# x86 instructions that multiply bf16 numbers natively; without them a bf16 matmul is emulated and
+# autocast makes training about ten times slower instead of two to three times faster.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The floating-point type the forward pass is autocast to (None: fp32), and why it was chosen."""
+    dtype: torch.dtype | None
+    reason: str
+
+    def autocast(self, device):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=self.dtype)
+
+    def grad_scaler(self, device):
+        """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+        return torch.amp.GradScaler(torch.device(device).type, enabled=self.dtype == torch.float16)
+
+    def __str__(self):
+        name = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.dtype]
+        return f"{name} ({self.reason})"
+
+
+def choose_precision(device, setting="auto", flags=None, kernels=None):
+    """The Precision for `device` under TrainingConfig.mixed_precision `setting`. "auto" reads the
+    hardware, never a timing: on CUDA, bf16 where the GPU supports it, else fp16; on a CPU, bf16 only
+    where the CPU has bf16 instructions (CPU_BF16_FLAGS) and PyTorch runs its AVX-512 kernels, else
+    fp32; on MPS, fp32. The environment variable VIT_MIXED_PRECISION (auto, on, off) replaces "auto"
+    (the test session sets off, so what the tests compare does not depend on the CPU). `flags` (the
+    CPU's, cpu_flags()) and `kernels` (torch.backends.cpu.get_cpu_capability()) are for tests."""
+    device = torch.device(device)
+    if setting == "auto":
+        setting = os.environ.get("VIT_MIXED_PRECISION", "auto").strip().lower() or "auto"
+        source = "VIT_MIXED_PRECISION"
+        if setting not in MIXED_PRECISION_SETTINGS:
+            raise ValueError(f"VIT_MIXED_PRECISION={setting!r}: choose one of {MIXED_PRECISION_SETTINGS}")
+    else:
+        source = "mixed_precision"
+    if setting not in MIXED_PRECISION_SETTINGS:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_SETTINGS}, got {setting!r}")
+    if setting == "off":
+        return Precision(None, f"{source}=off")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, "the GPU supports bf16")
+        return Precision(torch.float16, "the GPU has no bf16; fp16 with loss scaling")
+    if device.type == "mps":
+        return (Precision(torch.float16, f"{source}=on") if setting == "on"
+                else Precision(None, "no measured gain from autocast on MPS"))
+    flags = cpu_flags() if flags is None else set(flags)
+    kernels = torch.backends.cpu.get_cpu_capability() if kernels is None else kernels
+    native = sorted(flags.intersection(CPU_BF16_FLAGS))
+    if setting == "on":
+        return Precision(torch.bfloat16, f"{source}=on" + ("" if native else
+                                                            "; this CPU has no bf16 instructions, expect it to be slower"))
+    if not native:
+        return Precision(None, f"the CPU has none of {', '.join(CPU_BF16_FLAGS)}")
+    if not kernels.upper().startswith(("AVX512", "AMX")):
+        return Precision(None, f"the CPU has {native[0]} but PyTorch runs its {kernels} kernels")
+    return Precision(torch.bfloat16, f"the CPU has {native[0]}")
 
 
 def save_checkpoint(path, **state):
@@ -2266,7 +2505,7 @@ def _unwrap(model):
 
 
 def train_model(model, train_loader, val_loader, optimizer, criterion, device, config: TrainingConfig,
-                scheduler=None, wandb_run=None, state=None, checkpoint_extras=None):
+                scheduler=None, wandb_run=None, state=None, checkpoint_extras=None, precision=None):
     """Train for `config.epochs`, validate every epoch, keep the best model by validation F1 (the
     original recipe) or, with select_best_by="val_eer", by validation EER, which needs no decision
     threshold.
@@ -2274,9 +2513,13 @@ def train_model(model, train_loader, val_loader, optimizer, criterion, device, c
     Writes `config.checkpoint_path("best")` (best so far) and `config.checkpoint_path("last")` (every
     epoch, for resuming) atomically. With `config.ema_decay`, validation, the best checkpoint and its
     test scores use the moving average of the weights; the last checkpoint holds both. `state` (from a
-    last checkpoint) continues an earlier run. Returns the per-epoch history.
+    last checkpoint) continues an earlier run. The forward pass runs under `precision` (default: the
+    one choose_precision picks for config.mixed_precision); the loss is taken in fp32, and validation
+    runs in fp32, so the EER that picks the best epoch does not depend on the hardware's 16-bit type.
+    Returns the per-epoch history.
     """
     state = state or {}
+    precision = precision or choose_precision(device, config.mixed_precision)
     averaged = None
     if config.ema_decay is not None:
         averaged = torch.optim.swa_utils.AveragedModel(
@@ -2289,8 +2532,7 @@ def train_model(model, train_loader, val_loader, optimizer, criterion, device, c
     select_best_by = config.select_best_by
     best_value = state.get(f"best_{select_best_by}")
     stale_epochs = state.get("stale_epochs", 0)
-    scaler = torch.amp.GradScaler("cuda", enabled=config.mixed_precision and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = precision.grad_scaler(device)
     if "scaler_state" in state:
         scaler.load_state_dict(state["scaler_state"])
     for epoch in range(state.get("epoch", 0) + 1, config.epochs + 1):
@@ -2306,8 +2548,9 @@ def train_model(model, train_loader, val_loader, optimizer, criterion, device, c
                 continue
             inputs, labels = batch[0].to(device), batch[1].to(device)
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, config.mixed_precision):
-                loss = criterion(model(inputs), labels)
+            with precision.autocast(device):
+                logits = model(inputs)
+            loss = criterion(logits.float(), labels)
             scaler.scale(loss).backward()
             if config.grad_clip_norm:
                 scaler.unscale_(optimizer)
@@ -2391,6 +2634,11 @@ def build_loaders(config: TrainingConfig, model_config, data_config=DataConfig()
                                     augment=split == "train" and model_config.apply_augmentation,
                                     data_config=data_config, frequency_warp=config.frequency_warp,
                                     equalizer_db=config.equalizer_db) for split in SPLITS}
+    for split, dataset in datasets.items():   # an EER, the threshold and the balanced sampler need both
+        missing = [name for label, name in enumerate(CLASS_NAMES) if label not in set(dataset.labels)]
+        if missing:
+            raise DatasetError(f"{display_path(data_root / split / 'metadata.csv')}: the {split} split has no "
+                               f"{' and no '.join(missing)} segments; every split needs both classes")
     distributed = torch.distributed.is_initialized()
     if distributed and config.class_balance == "balanced_sampler":
         raise ValueError("class_balance='balanced_sampler' is not supported with torchrun; use 'weighted_loss'")
@@ -2429,6 +2677,7 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
     if config.speed_up:
         speed_up(model)
     n_params = count_parameters(model)
+    precision = choose_precision(device, config.mixed_precision)
     if is_main_process():
         print(f"Run {config.run_name}: {config.model_size} on {config.dataset_name}, {config.epochs} epochs, "
               f"batch {config.batch_size}, lr {config.learning_rate:g}, optimizer {config.optimizer}, "
@@ -2436,6 +2685,7 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
         print(f"Dataset sizes (segments): train {len(datasets['train'])}, val {len(datasets['val'])}, "
               f"test {len(datasets['test'])}")
         print(f"Device: {device.type}" + (f" x {world_size} processes" if world_size > 1 else ""))
+        print(f"Precision: {precision}")
         print(f"Trainable parameters: {n_params:,}")
     optimizer = make_optimizer(model, config, device)
     scheduler = None
@@ -2448,11 +2698,18 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
         counts = np.bincount(datasets["train"].labels, minlength=2)
         class_weights = torch.tensor(counts.sum() / (2.0 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=class_weights)
+    train_normalization = datasets["train"].norm_stats   # inference needs them for a globally normalised model
+    extras = dict(architecture=config.architecture, **{f"{config.architecture}_config": architecture_config.as_dict()},
+                  model_config=model_config.as_dict(),
+                  training_config=asdict(config), data_config=data_settings(data_config),
+                  normalization=train_normalization and dict(zip(("mean", "std"), train_normalization)),
+                  dataset_fingerprint=dataset_fingerprint(Path(config.cache_dir) / config.dataset_name))
     last_path = config.checkpoint_path("last")
     state = None
     if config.resume and last_path.is_file():
         state = load_checkpoint(last_path, device)
         check_checkpoint_compatible(state, architecture_config, last_path)
+        check_same_run(state, extras, last_path)
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         if scheduler is not None and state.get("scheduler_state"):
@@ -2463,16 +2720,12 @@ def run_training(training_config: TrainingConfig, data_config=DataConfig()):
     if world_size > 1:
         train_module = torch.nn.parallel.DistributedDataParallel(
             train_module, device_ids=[device.index] if device.type == "cuda" else None)
-    train_normalization = datasets["train"].norm_stats   # inference needs them for a globally normalised model
-    extras = dict(architecture=config.architecture, **{f"{config.architecture}_config": architecture_config.as_dict()},
-                  model_config=model_config.as_dict(),
-                  training_config=asdict(config), data_config=data_settings(data_config),
-                  normalization=train_normalization and dict(zip(("mean", "std"), train_normalization)))
     wandb_run = init_wandb(config.run_name, extras, mode=config.wandb_mode) if is_main_process() else None
     try:
         started = time.perf_counter()
         history = train_model(train_module, loaders["train"], loaders["val"], optimizer, criterion, device, config,
-                              scheduler=scheduler, wandb_run=wandb_run, state=state, checkpoint_extras=extras)
+                              scheduler=scheduler, wandb_run=wandb_run, state=state, checkpoint_extras=extras,
+                              precision=precision)
         training_seconds = time.perf_counter() - started   # every epoch with its validation
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # rank 0 has written the best checkpoint
@@ -2558,6 +2811,10 @@ def det_curve(bonafide_scores, spoof_scores):
     bonafide_scores = np.asarray(bonafide_scores, dtype=np.float64)
     spoof_scores = np.asarray(spoof_scores, dtype=np.float64)
     all_scores = np.concatenate([bonafide_scores, spoof_scores])
+    if np.isnan(all_scores).any():   # a NaN sorts last and would pass for the highest bona fide score
+        raise ValueError(f"{int(np.isnan(all_scores).sum())} NaN score(s): an EER needs a score for every file")
+    if not bonafide_scores.size or not spoof_scores.size:
+        raise ValueError(f"an EER needs bona fide and spoof scores, got {bonafide_scores.size} and {spoof_scores.size}")
     is_bonafide = np.concatenate([np.ones(bonafide_scores.size), np.zeros(spoof_scores.size)])
     order = np.argsort(all_scores, kind="mergesort")
     is_bonafide = is_bonafide[order]
@@ -2749,10 +3006,17 @@ def per_attack_eer(files):
 
 
 def score_file_token(text):
-    """`text` as one score-file field: whitespace (which would split it) and '%' percent-encoded, so
-    distinct texts stay distinct."""
-    return "".join("".join(f"%{byte:02X}" for byte in c.encode()) if c.isspace() or c == "%" else c
-                   for c in str(text))
+    """`text` as one score-file field, percent-encoded where it must be, so that distinct texts stay
+    distinct: whitespace (which would split it), '%', a leading '#' (numpy's genfromtxt, which the
+    ASVspoof scorer reads with, drops the line as a comment) and the bytes of a file name that are
+    not UTF-8 (Python keeps each as a lone surrogate, U+DC80-U+DCFF)."""
+    def encoded(index, char):
+        if "\udc80" <= char <= "\udcff":
+            return f"%{ord(char) - 0xDC00:02X}"
+        if char.isspace() or char == "%" or (index == 0 and char == "#"):
+            return "".join(f"%{byte:02X}" for byte in char.encode())
+        return char
+    return "".join(encoded(index, char) for index, char in enumerate(str(text)))
 
 
 def score_file_ids(relative_paths):
@@ -2930,6 +3194,41 @@ def check_architecture(checkpoint, architecture, source="checkpoint"):
                          f"load_model, which rebuilds whatever a checkpoint holds")
 
 
+def dataset_fingerprint(dataset_dir):
+    """A digest of a prepared dataset's split tables (every segment, its file, label and speaker), the
+    same wherever the dataset lies."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        digest.update((Path(dataset_dir) / split / "metadata.csv").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# TrainingConfig fields a resumed run may change: where it writes, what it shows and how fast it
+# computes. Any other change would continue one run's model under another's settings.
+RESUMABLE_CHANGES = ("resume", "progress", "wandb_mode", "num_workers", "cache_dir", "results_dir",
+                     "checkpoint_dir", "compile", "speed_up", "mixed_precision")
+
+
+def check_same_run(checkpoint, extras, source):
+    """Refuse to resume from `checkpoint` (a last checkpoint) when its training or data settings, or
+    the dataset it was trained on, differ from this run's (`extras`, as run_training stores them),
+    naming each difference. More epochs are allowed under a constant learning rate (under a schedule
+    they would change the rate of the epochs already run)."""
+    differences = []
+    may_change = RESUMABLE_CHANGES
+    if extras["training_config"]["lr_schedule"] == "constant":   # more epochs only extend a constant rate
+        may_change += ("epochs",)
+    for key in ("training_config", "data_config", "model_config"):
+        saved = checkpoint.get(key, {})
+        differences += [f"{name} {saved[name]!r} -> {value!r}" for name, value in extras[key].items()
+                        if name in saved and name not in may_change and saved[name] != value]
+    if checkpoint.get("dataset_fingerprint", extras["dataset_fingerprint"]) != extras["dataset_fingerprint"]:
+        differences.append("another dataset (its split tables differ)")
+    if differences:
+        raise ValueError(f"{display_path(source)} is another run's, so it is not resumed: {', '.join(differences)}. "
+                         f"Delete it, or give this run another run_name, to start afresh")
+
+
 def check_checkpoint_compatible(checkpoint, config, source="checkpoint"):
     """A clear error naming each setting where the checkpoint's model differs from `config` (a
     ViTConfig or CNNConfig)."""
@@ -3038,7 +3337,18 @@ def load_model(checkpoint_path, device="cpu", architecture=None):
         print(f"{display_path(checkpoint_path)} holds no data settings (written by an older vit_lib): "
               f"scoring with the default data settings of its time (band means kept)")
     model = build_model(ARCHITECTURE_CONFIGS[saved](**checkpoint[f"{saved}_config"])).to(device)
-    model.load_state_dict(checkpoint["model_state"])
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as error:   # missing, unexpected or wrongly shaped weights
+        reason = " ".join(str(error).split("\n\t", 1)[-1].split())
+        raise ValueError(f"{display_path(checkpoint_path)}: its weights do not fit its model ({reason})") from None
+    not_finite = [name for name, weights in checkpoint["model_state"].items()
+                  if weights.is_floating_point() and not torch.isfinite(weights).all()]
+    if not_finite:
+        raise ValueError(f"{display_path(checkpoint_path)}: non-finite (NaN or inf) weights in "
+                         f"{', '.join(not_finite[:3])}{' ...' if len(not_finite) > 3 else ''}")
+    if not math.isfinite(verdict_threshold(checkpoint)[0]):
+        raise ValueError(f"{display_path(checkpoint_path)}: its verdict threshold is {checkpoint['eer_threshold']}")
     return speed_up(model).eval(), checkpoint
 
 
@@ -3056,11 +3366,12 @@ def _batches(items, size):
         yield batch
 
 
-def score_audio_file(path, model, checkpoint, device="cpu", batch_size=32):
+def score_audio_file(path, model, checkpoint, device="cpu", batch_size=32, precision=Precision(None, "fp32")):
     """Any audio file -> (per-segment timeline DataFrame, verdict dict), through the same preparation
     path as training data, with the settings `checkpoint` (from load_model) carries: the data settings,
     the train statistics of a globally normalised model and the verdict threshold. The verdict pools
-    segment scores as pool_file_scores does; a file scoring at or below the threshold is called fake."""
+    segment scores as pool_file_scores does; a file scoring at or below the threshold is called fake.
+    The forward pass runs under `precision` (choose_precision's; fp32 by default), the scores in fp64."""
     if not isinstance(checkpoint, dict):
         raise TypeError("score_audio_file takes the checkpoint that load_model returns "
                         "(it holds the model's data settings and verdict threshold)")
@@ -3076,7 +3387,7 @@ def score_audio_file(path, model, checkpoint, device="cpu", batch_size=32):
     for batch in _batches(specs, batch_size):   # spectrograms made and scored a batch at a time
         inputs = torch.stack([normalize_spectrogram(torch.from_numpy(spec[None]), mean, std, data_config.NORM_EPSILON,
                                                     data_config.SUBTRACT_ROW_MEANS) for _, spec, _ in batch])
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast(device):
             logits = model(inputs.to(device)).float().cpu().numpy().astype(np.float64)
         starts += [start for start, _, _ in batch]
         scores += list(logits[:, 0] - logits[:, 1])
@@ -3368,14 +3679,15 @@ def main(argv=None):
     score.add_argument("checkpoint")
     score.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
     score.add_argument("--output", required=True)
+    score.add_argument("--mixed-precision", choices=MIXED_PRECISION_SETTINGS, default="auto",
+                       help="bf16 autocast: auto (where the CPU has bf16 instructions), on or off")
     args = parser.parse_args(argv)
-    if args.command == "train":
-        options = {k: v for k, v in vars(args).items() if k != "command"}
-        data_config = DataConfig(SUBTRACT_ROW_MEANS=options.pop("subtract_row_means"))
-        run_training(TrainingConfig(**options), data_config)
-        return 0
     try:
-        if args.command == "prepare":
+        if args.command == "train":
+            options = {k: v for k, v in vars(args).items() if k != "command"}
+            data_config = DataConfig(SUBTRACT_ROW_MEANS=options.pop("subtract_row_means"))
+            run_training(TrainingConfig(**options), data_config)
+        elif args.command == "prepare":
             summary, _, _ = prepare_dataset(args.corpus_root, args.dataset, args.corpus, args.cache_dir,
                                             num_workers=args.workers, speaker_pattern=args.speaker_pattern,
                                             progress=show_progress())
@@ -3384,11 +3696,17 @@ def main(argv=None):
                       f"{summary['dataset_dir']}/skipped.csv")
                 return 1
         else:
-            scored, _ = score_files(args.checkpoint, args.inputs, args.output, progress=show_progress())
+            scored, _ = score_files(args.checkpoint, args.inputs, args.output, progress=show_progress(),
+                                    mixed_precision=args.mixed_precision)
             if not scored:
                 return 1
     except (ValueError, FileNotFoundError, DatasetError, SplitLeakError) as error:
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    except Exception as error:
+        if not is_machine_fault(error):
+            raise
+        parser.exit(1, f"{parser.prog} {args.command}: stopped by a fault of the machine, not of the input: "
+                       f"{machine_fault_reason(error)}. What was finished is kept; run again once it is fixed.\n")
     return 0
 
 
@@ -3479,24 +3797,35 @@ def _scoring_inputs(inputs):
     return [(path, path.relative_to(root)) for path in paths]
 
 
-def score_files(checkpoint_path, inputs, output, progress=True):
+def score_files(checkpoint_path, inputs, output, progress=True, mixed_precision="auto"):
     """Score every audio file in `inputs` (files or folders) into `output`: `FILE_ID SCORE` lines, ids
     as score_file_ids makes them from the paths relative to the inputs. A file that cannot be scored,
     whatever the reason, is listed with it and left out; when none can be, `output` is not written.
+    `mixed_precision` is TrainingConfig's setting, for the forward pass (choose_precision).
     Returns (files scored, failures)."""
     check_output_path(output)
     files = _scoring_inputs(inputs)
     if not files:
         raise ValueError(f"no audio files in {', '.join(map(str, inputs))}")
+    target = Path(output).resolve()
+    for kept in [Path(checkpoint_path), *(path for path, _ in files)]:
+        if kept.resolve() == target:
+            raise ValueError(f"--output {output} is {'the checkpoint' if kept == Path(checkpoint_path) else 'an input'}; "
+                             f"it would be overwritten: choose another name")
     model, checkpoint = load_model(checkpoint_path)
+    precision = choose_precision("cpu", mixed_precision)
+    print(f"Precision: {precision}")
     ids = score_file_ids([relative for _, relative in files])
     lines, failures = [], []
     for (path, _), file_id in tqdm(list(zip(files, ids)), desc="Scoring", disable=not progress):
         try:
-            _, verdict = score_audio_file(path, model, checkpoint)
-        except Exception as error:   # one bad file must not end a long run
+            _, verdict = score_audio_file(path, model, checkpoint, precision=precision)
+        except Exception as error:   # one bad file must not end a long run; a fault of the machine must
+            if is_machine_fault(error):
+                raise MachineFault(f"stopped while scoring {display_path(path)}: "
+                                   f"{machine_fault_reason(error)}") from None
             reason = error if isinstance(error, AudioError) else f"{type(error).__name__}: {error}"
-            failures.append(f"{display_path(path)}: {reason}")
+            failures.append(f"{printable_path(display_path(path))}: {reason}")
             continue
         lines.append(f"{file_id} {verdict['score']:.6f}")
     if lines:

@@ -133,8 +133,10 @@ def main():
     record = dict(recipe={k: v for k, v in asdict(recipe).items() if k not in folders},
                   data=vit_lib.data_settings(data_config),
                   corpus=vit_lib.display_path(args.corpus_dir), runs=rows, audit=audit.to_dict("records"),
-                  machine=dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                               platform=platform.platform(), torch=torch.__version__))
+                  machine=dict(cpu=vit_lib.cpu_model(), cpu_count=os.cpu_count(),
+                               torch_threads=torch.get_num_threads(), platform=platform.platform(),
+                               torch=torch.__version__,
+                               precision=str(vit_lib.choose_precision(vit_lib.get_device(), recipe.mixed_precision))))
     write_report(out, args.name or ("detection_original" if args.original else "detection"), record)
 
 

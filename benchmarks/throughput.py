@@ -5,9 +5,12 @@ spectrogram size, its optimiser); --original measures the original notebook's (T
 linear patch embedding, 128 x 256 spectrograms, Adam).
 For every model size: the model as the project trains it (vit_lib.speed_up(AudioViT(config)):
 attention through scaled_dot_product_attention where that is faster, vit_lib.fast_dropout's CPU mask,
-fp32) and, optionally, that model under torch.compile or CUDA autocast, each against the plain model
-of the same architecture with the same weights: AudioViT(config) as written (matmul/softmax
-attention, torch's nn.Dropout, fp32, no compile).
+fp32), the same model under autocast to every 16-bit type the machine runs fast (CUDA: bf16 and fp16;
+a CPU: bf16 where vit_lib.choose_precision picks it for training, i.e. where the CPU has bf16
+instructions) and, optionally, under torch.compile, each against the plain model of the same
+architecture with the same weights: AudioViT(config) as written (matmul/softmax attention, torch's
+nn.Dropout, fp32, no compile). The header names the CPU (or GPU), its relevant instruction sets and
+the precision training uses there.
 Train = forward + cross-entropy + backward + optimiser step; infer = no_grad forward in eval mode.
 Each figure is the median over --repeats timings of --iters (training) or --infer-iters steps,
 after --warmup steps.
@@ -24,6 +27,8 @@ LayerNorm, BatchNorm, softmax, GELU, dropout and the optimizer are not counted (
 "x reference" is the median over the repeats of the speed ratio within a repeat, where the variants
 run one after the other, so that a drift in the machine's speed cancels out.
 The peak is a timed torch.matmul of two --peak-size square fp32 matrices at the same thread count.
+At the end, the file-level test EER and training time per precision of whole training runs on the demo
+corpus, read from benchmarks/detection.py's result files (a run takes minutes, too long to repeat here).
 
     .venv/bin/python benchmarks/throughput.py           # all sizes + loader: about 4 min on an idle 2-core CPU
     .venv/bin/python benchmarks/throughput.py --sizes ViT_Small --compile --json results/throughput.json
@@ -138,11 +143,11 @@ def variants_for(args, device):
     rows = [("reference (plain AudioViT, fp32)", False, False, None, None), (PROJECT, True, False, None, None)]
     if args.compile:
         rows.append((f"{PROJECT} + torch.compile", True, True, None, None))
-    if device.type == "cuda" and not args.no_amp:
+    if device.type == "cuda" and args.mixed_precision != "off":
         if torch.cuda.is_bf16_supported():
             rows.append(("AudioViT + autocast bf16", True, False, torch.bfloat16, None))
         rows.append(("AudioViT + autocast fp16", True, False, torch.float16, None))
-    if device.type == "cpu" and args.cpu_bf16:
+    if device.type == "cpu" and args.precision.dtype is not None:
         rows.append(("AudioViT + CPU autocast bf16", True, False, torch.bfloat16, None))
     if args.dropout_diagnostic:
         rows.append((f"DIAGNOSTIC {PROJECT}, dropout 0", True, False, None, 0.0))
@@ -242,13 +247,49 @@ def bench_loader(dataset_dir, workers, epochs, batch_size):
                 samples_per_s=seen / (time.perf_counter() - start))
 
 
-def cpu_flags():
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+def relevant_cpu_flags():
+    """The instruction sets that decide matmul speed and whether bf16 pays, as one text."""
+    flags = vit_lib.cpu_flags()
+    if not flags:
         return "unknown"
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")
+    wanted = ("avx2", "fma", "avx512f", *vit_lib.CPU_BF16_FLAGS, "avx512_fp16", "asimd", "sve", "bf16")
     return " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+
+
+def detection_records(pattern):
+    """Rows of file-level test EER and training minutes from benchmarks/detection.py's result files
+    (one per run or merged), grouped by model and precision: what a precision buys for detection."""
+    rows = []
+    for path in sorted(Path().glob(pattern)):
+        record = json.loads(path.read_text())
+        if "runs" not in record:   # a run's training record beside them
+            continue
+        machines = record["machine"] if isinstance(record["machine"], list) else [record["machine"]]
+        for run in record["runs"]:
+            rows.append(dict(model=run["model"], seed=run["seed"], eer=run["pooled"],
+                             minutes=run["train_seconds"] / 60, epochs=record["recipe"]["epochs"],
+                             precision=machines[0].get("precision", "fp32").split(" (")[0],
+                             cpu=machines[0].get("cpu", "?"), threads=machines[0].get("torch_threads")))
+    return rows
+
+
+def detection_summary(rows):
+    """Per model and precision: EER mean +- std, mean minutes, and EER reached per CPU-minute saved
+    against the model's fp32 runs."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["precision"]), []).append(row)
+    summary = []
+    for (model, precision), runs in groups.items():
+        eers, minutes = [r["eer"] for r in runs], [r["minutes"] for r in runs]
+        summary.append(dict(model=model, precision=precision, runs=len(runs), epochs=runs[0]["epochs"],
+                            eer_mean=statistics.mean(eers), eer_std=statistics.pstdev(eers),
+                            minutes=statistics.mean(minutes),
+                            cpu_minutes=statistics.mean(minutes) * (runs[0]["threads"] or 1), cpu=runs[0]["cpu"]))
+    for row in summary:
+        fp32 = next((r for r in summary if r["model"] == row["model"] and r["precision"] == "fp32"), None)
+        row["speed_up"] = fp32["minutes"] / row["minutes"] if fp32 else None
+    return summary
 
 
 def markdown_table(rows, columns):
@@ -270,10 +311,11 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the project's model")
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="let torch.compile reuse its on-disk cache (default: a fresh one, so compile time is cold)")
-    parser.add_argument("--cpu-bf16", action="store_true", help="add CPU bf16 autocast (fast only with native bf16)")
+    parser.add_argument("--mixed-precision", choices=vit_lib.MIXED_PRECISION_SETTINGS, default="auto",
+                        help="the autocast rows: auto (on a CPU, bf16 where the training rule picks it; on CUDA, "
+                             "bf16 and fp16), on (bf16 on any CPU, even one without bf16 instructions), off (none)")
     parser.add_argument("--dropout-diagnostic", action="store_true",
                         help="add the project's model with dropout 0: shows what dropout costs (not the training recipe)")
-    parser.add_argument("--no-amp", action="store_true", help="on CUDA, leave out the bf16/fp16 autocast rows")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-size", type=int, default=2048)
@@ -283,6 +325,9 @@ def main(argv=None):
                         help="default: TrainingConfig().num_workers and 2")
     parser.add_argument("--cache-dir", default=None, help="where the fixture dataset is built (default: a temp folder)")
     parser.add_argument("--json", default=None, help="write every row here")
+    parser.add_argument("--detection-results", default="results/demo_corpus/precision/*.json",
+                        help="benchmarks/detection.py result files (a glob) whose EER and training time per "
+                             "precision are summarised at the end; '' for none")
     args = parser.parse_args(argv)
     args.recipe = vit_lib.TrainingConfig.original() if args.original else vit_lib.TrainingConfig()
     args.warmup = max(1, args.warmup)
@@ -291,12 +336,15 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    args.precision = vit_lib.choose_precision(device, args.mixed_precision)
 
     print(f"# AudioViT throughput, {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"command: {shlex.join([Path(sys.executable).name] + sys.argv)}")
     print(f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f" ({platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, flags: {cpu_flags()})"))
+             f" ({vit_lib.cpu_model()}, {os.cpu_count()} logical CPUs, flags: {relevant_cpu_flags()}, "
+             f"PyTorch kernels {torch.backends.cpu.get_cpu_capability()})"))
+    print(f"training precision on this machine: {args.precision}")
     print(f"threads: torch {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}")
     recipe = args.recipe
     print(f"model: {recipe.patch_embedding} patch embedding, {vit_lib.DataConfig.N_MELS} x "
@@ -357,18 +405,32 @@ def main(argv=None):
             ("samples/s", lambda r: f"{r['samples_per_s']:.0f}"),
             (f"x {args.sizes[0]} training", lambda r: f"{r['ratio_vs_training']:.0f}"
              if r["ratio_vs_training"] else "-")]))
+    detection = detection_summary(detection_records(args.detection_results)) if args.detection_results else []
+    if detection:
+        print(f"\nDetection on the demo corpus per precision (file-level test EER over seeds and the wall time "
+              f"of each training run, from {args.detection_results}; benchmarks/detection.py makes them):")
+        print(markdown_table(detection, [
+            ("model", lambda r: r["model"]), ("precision", lambda r: r["precision"]), ("runs", lambda r: str(r["runs"])),
+            ("epochs", lambda r: str(r["epochs"])), ("EER", lambda r: f"{r['eer_mean']:.4f} ± {r['eer_std']:.4f}"),
+            ("minutes per run", lambda r: f"{r['minutes']:.1f}"), ("CPU-minutes", lambda r: f"{r['cpu_minutes']:.1f}"),
+            ("x fp32 speed", lambda r: f"{r['speed_up']:.2f}" if r["speed_up"] else "-"),
+            ("CPU", lambda r: r["cpu"])]))
     others = other_load(snapshot, cpu_snapshot())
     if others is not None:
         print(f"\nother processes used {100 * others:.0f}% of the CPUs during this run"
               + (": the figures are NOT reliable, run again on an idle machine" if others > 0.05 else ""))
     if args.json:
         meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
-                    threads=torch.get_num_threads(), command=sys.argv, device=str(device), cpu_flags=cpu_flags(),
+                    threads=torch.get_num_threads(), command=sys.argv, device=str(device),
+                    device_name=(torch.cuda.get_device_name(device) if device.type == "cuda" else vit_lib.cpu_model()),
+                    cpu_flags=relevant_cpu_flags(), kernels=torch.backends.cpu.get_cpu_capability(),
+                    training_precision=str(args.precision),
                     peak_gflops=peak, batch_size=args.batch_size, dataset=args.recipe.dataset_name,
                     patch_embedding=args.recipe.patch_embedding, optimizer=args.recipe.optimizer,
                     other_cpu_share=others)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(meta=meta, model_rows=rows, loader_rows=loader_rows), indent=2))
+        vit_lib.save_json_atomic(Path(args.json), dict(meta=meta, model_rows=rows, loader_rows=loader_rows,
+                                                       detection_rows=detection))
         print(f"rows written to {args.json}")
 
 

@@ -268,9 +268,9 @@ def test_protocol_file_names_leaving_the_root_are_listed_not_a_crash(tmp_path):
 
 
 # ---------------------------------------------------------------- 10. split sanity
-def test_an_empty_dev_protocol_stops_preparation_naming_the_val_split(tmp_path):
-    root = make_asvspoof_corpus(tmp_path / "LA")
-    (root / "ASVspoof2019_LA_cm_protocols" / "ASVspoof2019.LA.cm.dev.trl.txt").write_text("")
+def test_a_dev_protocol_without_a_usable_line_stops_preparation_naming_the_val_split(tmp_path):
+    root = make_asvspoof_corpus(tmp_path / "LA")   # an empty one is an error naming it (test_reliability.py)
+    (root / "ASVspoof2019_LA_cm_protocols" / "ASVspoof2019.LA.cm.dev.trl.txt").write_text("not a protocol line\n")
     with pytest.raises(ValueError, match=r"'val' has no files"):
         prepare(root, tmp_path / "cache", "asvspoof2019_la")
     assert not (tmp_path / "cache").exists()

@@ -245,6 +245,7 @@ def test_every_sanitize_rule_is_named_and_explained():
     "Run ViT_Small_vit_short_dataset: ViT_Small on vit_short_dataset, 10 epochs, batch 16, lr 0.0005",
     "Dataset sizes (segments): train 214, val 60, test 54",
     "Device: cpu",
+    "Precision: fp32 (VIT_MIXED_PRECISION=off)",
     "Trainable parameters: 2,753,078",
     "Prepared 328 segments from 96 files; skipped 2 (listed in data/processed/vit_short_dataset/skipped.csv)",
     "ViT parameters (M): ViT_Small 2.753, ViT_Medium 5.672, ViT_Large 10.96",
