@@ -390,9 +390,10 @@ def _sndfile_name(path):
 
 def _decode_with_libsndfile(path):
     import soundfile as sf
+    name = _sndfile_name(path)
     try:
-        audio, file_sr = sf.read(_sndfile_name(path), dtype="float32", always_2d=True)
-        extra_info = sf.info(_sndfile_name(path)).extra_info
+        audio, file_sr = sf.read(name, dtype="float32", always_2d=True)
+        extra_info = sf.info(name).extra_info
     except Exception as error:
         raise _libsndfile_failure(error, path) from None
     _check_not_cut_off(extra_info)
@@ -1061,6 +1062,11 @@ def is_machine_fault(error):
         isinstance(error, OSError) and error.errno in MACHINE_ERRNOS)
 
 
+def write_fault(path, error):
+    """The MachineFault of an OSError `error` met while writing `path`."""
+    return MachineFault(f"cannot write {display_path(path)}: {error.strerror or error}")
+
+
 def machine_fault_reason(error):
     """One line for a machine fault: "out of memory", or the error's own text."""
     return "out of memory" if isinstance(error, MemoryError) else str(error)
@@ -1091,7 +1097,7 @@ def atomic_write(path, mode="wb"):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
-        raise MachineFault(f"cannot write {display_path(path)}: {error.strerror or error}") from None
+        raise write_fault(path, error) from None
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -1103,7 +1109,7 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(error, OSError):
-            raise MachineFault(f"cannot write {display_path(path)}: {error.strerror or error}") from None
+            raise write_fault(path, error) from None
         raise
 
 
@@ -1375,7 +1381,7 @@ def read_corpus(corpus, root, speaker_pattern=None):
     files["speaker"] = normalised_speakers(files["speaker"])
     files, repeats = _inside_root_once(files, Path(root))
     unnamable = ~files["path"].map(_is_utf8)   # ids, tables and score files need names in one encoding
-    skipped += [(printable_path(os.path.relpath(path, root)), "its name is not valid UTF-8; rename it to use it")
+    skipped += [(os.path.relpath(path, root), "its name is not valid UTF-8; rename it to use it")
                 for path in files.loc[unnamable, "path"]]
     skipped = [(printable_path(where), reason) for where, reason in skipped + repeats]
     return files[~unnamable].reset_index(drop=True), skipped
@@ -1572,8 +1578,11 @@ def _arrays_intact(split_dir, entry):
     """Whether every array a journal entry lists is on disk at the size it was written with: a deleted
     or cut-off one makes its file be prepared again."""
     for segment in entry.get("segments", []):
-        path = split_dir / segment["npy_path"]
-        if not path.is_file() or path.stat().st_size != segment.get("npy_bytes", path.stat().st_size):
+        try:
+            size = (split_dir / segment["npy_path"]).stat().st_size
+        except FileNotFoundError:
+            return False
+        if size != segment.get("npy_bytes", size):
             return False
     return True
 
@@ -1696,7 +1705,7 @@ def prepare_dataset(corpus_root, dataset_name="vit_balanced_dataset", corpus="fo
                 raise MachineFault("a preparation worker was killed (by the system, most often for lack of "
                                    "memory); try fewer workers") from None
             except OSError as error:   # the journal
-                raise MachineFault(f"cannot write {display_path(journal_path)}: {error.strerror or error}") from None
+                raise write_fault(journal_path, error) from None
     if jobs or len(journal_entries) != len(done):  # keep only what the dataset is made of
         with atomic_write(journal_path, "w") as journal:
             journal.writelines(json.dumps(done[file_id]) + "\n" for file_id in files["file_id"])
@@ -2453,15 +2462,12 @@ def choose_precision(device, setting="auto", flags=None, kernels=None):
     (the test session sets off, so what the tests compare does not depend on the CPU). `flags` (the
     CPU's, cpu_flags()) and `kernels` (torch.backends.cpu.get_cpu_capability()) are for tests."""
     device = torch.device(device)
+    source = "mixed_precision"
     if setting == "auto":
-        setting = os.environ.get("VIT_MIXED_PRECISION", "auto").strip().lower() or "auto"
         source = "VIT_MIXED_PRECISION"
-        if setting not in MIXED_PRECISION_SETTINGS:
-            raise ValueError(f"VIT_MIXED_PRECISION={setting!r}: choose one of {MIXED_PRECISION_SETTINGS}")
-    else:
-        source = "mixed_precision"
+        setting = os.environ.get(source, "auto").strip().lower() or "auto"
     if setting not in MIXED_PRECISION_SETTINGS:
-        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_SETTINGS}, got {setting!r}")
+        raise ValueError(f"{source}={setting!r}: choose one of {MIXED_PRECISION_SETTINGS}")
     if setting == "off":
         return Precision(None, f"{source}=off")
     if device.type == "cuda":
@@ -3808,10 +3814,9 @@ def score_files(checkpoint_path, inputs, output, progress=True, mixed_precision=
     if not files:
         raise ValueError(f"no audio files in {', '.join(map(str, inputs))}")
     target = Path(output).resolve()
-    for kept in [Path(checkpoint_path), *(path for path, _ in files)]:
-        if kept.resolve() == target:
-            raise ValueError(f"--output {output} is {'the checkpoint' if kept == Path(checkpoint_path) else 'an input'}; "
-                             f"it would be overwritten: choose another name")
+    for kept, what in [(checkpoint_path, "the checkpoint"), *((path, "an input") for path, _ in files)]:
+        if Path(kept).resolve() == target:
+            raise ValueError(f"--output {output} is {what}; it would be overwritten: choose another name")
     model, checkpoint = load_model(checkpoint_path)
     precision = choose_precision("cpu", mixed_precision)
     print(f"Precision: {precision}")

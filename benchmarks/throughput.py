@@ -95,28 +95,25 @@ def matmul_peak_gflops(device, size, repeats=5):
     return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
-
-
 def make_step(model, mode, inputs, labels, device, amp_dtype, fast, recipe):
     """One training step (forward, loss, backward, optimiser) or one inference forward. The project's
     variants build the recipe's optimiser as run_training does (vit_lib.make_optimizer: fused), the
     reference the same optimiser as PyTorch's per-parameter loop."""
+    precision = vit_lib.Precision(amp_dtype, "benchmark")
     if mode == "infer":
         def step():
-            with torch.no_grad(), autocast(device, amp_dtype):
+            with torch.no_grad(), precision.autocast(device):
                 model(inputs)
         return step
     optimizer = (vit_lib.make_optimizer(model, recipe, device) if fast else
                  (torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam)(
                      model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay, foreach=False))
     criterion = torch.nn.CrossEntropyLoss()
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = precision.grad_scaler(device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp_dtype):
+        with precision.autocast(device):
             loss = criterion(model(inputs), labels)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -181,7 +178,7 @@ def bench_model_size(size, args, device, peak):
             reference = runners[0].eval()(inputs).float()
             diffs = []
             for runner, (_, _, _, amp_dtype, _) in zip(runners, variants):
-                with autocast(device, amp_dtype):
+                with vit_lib.Precision(amp_dtype, "benchmark").autocast(device):
                     diffs.append((runner.eval()(inputs).float() - reference).abs().max().item())
         return diffs
 
@@ -274,7 +271,7 @@ def detection_records(pattern):
 
 
 def detection_summary(rows):
-    """Per model and precision: EER mean +- std, mean minutes, and EER reached per CPU-minute saved
+    """Per model and precision: EER mean +- std, mean minutes and CPU-minutes per run, and the speed-up
     against the model's fp32 runs."""
     groups = {}
     for row in rows:
