@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: demo test test-portable lab notebooks benchmark demo-corpus demo-corpus-series demo-corpus-detection clean
+.PHONY: demo lint test test-portable lab notebooks benchmark demo-corpus demo-corpus-series demo-corpus-detection clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ demo: $(STAMP)
 	VIT_PROGRESS=0 VIT_RESULTS_DIR=$(CURDIR)/build/results VIT_CHECKPOINT_DIR=$(CURDIR)/build/checkpoints \
 	$(BIN)/jupyter nbconvert --to notebook --execute --output-dir build/notebooks $(NOTEBOOKS)
 
-# Unit tests, then every notebook under nbval in strict mode (outputs must match the committed ones).
-test: $(STAMP)
+# The linter and the formatter's check (ruff, configured in pyproject.toml); `ruff format .` fixes the layout.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The linter, the unit tests, then every notebook under nbval in strict mode (outputs must match the
+# committed ones).
+test: lint
 	$(BIN)/python -m pytest tests notebooks --nbval --nbval-sanitize-with nbval_sanitize.cfg -v --durations=15
 
 # The notebooks again on another floating-point path (generic ATen kernels, oneDNN limited to SSE4.1, one
@@ -49,7 +55,7 @@ benchmark: $(STAMP)
 # Real vs synthetic speech from Debian packages (apt-get download, nothing installed), In-the-Wild layout.
 DEMO_CORPUS ?= data/demo_corpus
 demo-corpus: $(STAMP)
-	$(BIN)/python demo_corpus.py --out $(DEMO_CORPUS)
+	$(BIN)/python -m vit_audio.demo_corpus --out $(DEMO_CORPUS)
 
 # The notebook series on the demo corpus (after `make demo-corpus`): figures, metrics and score files in
 # results/demo_corpus/, executed notebooks in build/demo_corpus/; notebook 04 trains three seeds.

@@ -5,6 +5,7 @@ everywhere (bf16 autocast, chosen by the CPU's instructions, would change every 
 The session runs on CPU (the "Device:" line is compared, and a GPU's kernels would change every
 trained number) with two threads unless OMP_NUM_THREADS says otherwise; `make test-portable` runs the
 notebooks with one thread and generic kernels to show that what nbval compares does not depend on them."""
+
 import os
 
 os.environ.setdefault("VIT_PROGRESS", "0")

@@ -2,9 +2,11 @@
 a processed dataset, for one or more checkpoints (ViT or CNN), each read with the data settings it was
 trained with. Writes <out>/<checkpoint stem>.csv and .png per checkpoint.
 
-    .venv/bin/python benchmarks/band_occlusion.py checkpoints/demo_corpus/best_vit_model_ViT_Small_rowmean_s42_seed42.pth \\
+    .venv/bin/python benchmarks/band_occlusion.py \\
+        checkpoints/demo_corpus/best_vit_model_ViT_Small_rowmean_s42_seed42.pth \\
         --cache-dir data/demo_processed --out results/demo_corpus/band_occlusion
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vit_lib  # noqa: E402
+from vit_audio import storage  # noqa: E402
 
 
 def main(argv=None):
@@ -37,7 +40,7 @@ def main(argv=None):
         dataset = vit_lib.split_dataset_for(model, args.cache_dir, args.dataset, args.split, data_config)
         table = vit_lib.band_occlusion(model, dataset, args.rows_per_band, device)
         stem = Path(checkpoint_path).stem
-        vit_lib.save_csv_atomic(out / f"{stem}.csv", table.round(4))
+        storage.save_csv_atomic(out / f"{stem}.csv", table.round(4))
         plt.close(vit_lib.plot_band_occlusion(table, out / f"{stem}.png"))
         print(f"{checkpoint_path} on {args.split} of {Path(args.cache_dir) / args.dataset}:")
         print(table.round(3).to_string(index=False), flush=True)

@@ -11,8 +11,10 @@ Prepares the corpus once (cached), trains each model size once per seed with the
     .venv/bin/python benchmarks/detection.py --set patch_embedding=linear --name linear_patches   # one change
     .venv/bin/python benchmarks/detection.py --seeds 42 --out results/demo_corpus/seeds --name rowmean_s42
     .venv/bin/python benchmarks/detection.py --merge results/demo_corpus/seeds/rowmean_s4{2,3,4}.json
-    .venv/bin/python benchmarks/detection.py --data FEATURE=linear --cache-dir data/demo_linear --name linear_frontend
+    .venv/bin/python benchmarks/detection.py --data FEATURE=linear --cache-dir data/demo_linear \\
+        --name linear_frontend
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +30,9 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vit_cli as cli  # noqa: E402
 import vit_lib  # noqa: E402
+from vit_audio import corpora, devices  # noqa: E402
 
 
 def train_and_score(config, data_config):
@@ -37,13 +41,15 @@ def train_and_score(config, data_config):
     vit_lib.run_training(config, data_config)
     seconds = time.perf_counter() - started
     model, _ = vit_lib.load_model(config.checkpoint_path())
-    segments = vit_lib.score_split(model, config.cache_dir, config.dataset_name, "test", data_config=data_config)
+    segments = vit_lib.score_split(
+        model, config.cache_dir, config.dataset_name, "test", data_config=data_config
+    )
     return vit_lib.pool_file_scores(segments), seconds
 
 
 def parsed_fields(dataclass, assignments):
     """{field: value} from "FIELD=VALUE" texts, each value parsed as the dataclass field's type."""
-    types = {item.name: vit_lib.training_field_type(item) for item in fields(dataclass)}
+    types = {item.name: cli.field_parser(item) for item in fields(dataclass)}
     changes = dict(item.split("=", 1) for item in assignments)
     unknown = sorted(set(changes) - set(types))
     if unknown:
@@ -61,8 +67,14 @@ def summary_table(rows):
     frame = pd.DataFrame(rows)
     eers = [c for c in frame.columns if c not in ("model", "seed", "train_seconds")]
     grouped = frame.groupby("model", sort=False)
-    table = pd.DataFrame({c: grouped[c].mean().round(4).astype(str) + " ± " + grouped[c].std(ddof=1).fillna(0).round(4).astype(str)
-                          for c in eers})
+    table = pd.DataFrame(
+        {
+            c: grouped[c].mean().round(4).astype(str)
+            + " ± "
+            + grouped[c].std(ddof=1).fillna(0).round(4).astype(str)
+            for c in eers
+        }
+    )
     table.insert(0, "seeds", grouped.size())
     table["train minutes (mean)"] = (grouped["train_seconds"].mean() / 60).round(1)
     return table
@@ -78,23 +90,39 @@ def markdown_table(frame):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus-dir", default="data/demo_corpus")
-    parser.add_argument("--corpus", default="in_the_wild", choices=vit_lib.CORPORA)
+    parser.add_argument("--corpus", default="in_the_wild", choices=corpora.CORPORA)
     parser.add_argument("--cache-dir", default="data/demo_processed")
     parser.add_argument("--out", default="results/demo_corpus")
-    parser.add_argument("--models", nargs="*", default=["ViT_Small"], help="none: only the LFCC-GMM (with --gmm)")
+    parser.add_argument(
+        "--models", nargs="*", default=["ViT_Small"], help="none: only the LFCC-GMM (with --gmm)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--original", action="store_true", help="the original notebook's recipe")
     parser.add_argument("--gmm", action="store_true", help="add the LFCC-GMM baseline")
     parser.add_argument("--gmm-components", type=int, default=64)
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="TrainingConfig fields to change, e.g. patch_embedding=linear learning_rate=1e-3")
-    parser.add_argument("--data", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="DataConfig fields to change, e.g. TIME_MASK_MAX_WIDTH=30 "
-                             "(a front-end change needs its own --cache-dir)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="TrainingConfig fields to change, e.g. patch_embedding=linear learning_rate=1e-3",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="DataConfig fields to change, e.g. TIME_MASK_MAX_WIDTH=30 "
+        "(a front-end change needs its own --cache-dir)",
+    )
     parser.add_argument("--name", default=None, help="output file stem (default: detection[_original])")
-    parser.add_argument("--merge", nargs="+", metavar="JSON",
-                        help="train nothing: merge these result files of one recipe into <out>/<name>.{json,md}")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: merge these result files of one recipe into <out>/<name>.{json,md}",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     if args.merge:
@@ -103,40 +131,67 @@ def main():
     if not args.models and not args.gmm:
         parser.error("nothing to run: name --models, or give --gmm")
     recipe = (vit_lib.TrainingConfig.original if args.original else vit_lib.TrainingConfig)(
-        **{**parsed_fields(vit_lib.TrainingConfig, args.set), **({"epochs": args.epochs} if args.epochs else {})})
+        **{
+            **parsed_fields(vit_lib.TrainingConfig, args.set),
+            **({"epochs": args.epochs} if args.epochs else {}),
+        }
+    )
     data_config = (vit_lib.DataConfig.original if args.original else vit_lib.DataConfig)(
-        **parsed_fields(vit_lib.DataConfig, args.data))
-    vit_lib.prepare_dataset(args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, data_config,
-                            progress=False)
+        **parsed_fields(vit_lib.DataConfig, args.data)
+    )
+    vit_lib.prepare_dataset(
+        args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, data_config, progress=False
+    )
     dataset_dir = Path(args.cache_dir) / recipe.dataset_name
     rows = []
     for model_size in args.models:
         for seed in args.seeds:
             run_name = f"{model_size}_{args.name or ('original' if args.original else 'recipe')}_seed{seed}"
-            overrides = dict(model_size=model_size, seed=seed, run_name=run_name, cache_dir=args.cache_dir,
-                             results_dir=str(out), checkpoint_dir=str(Path("checkpoints") / out.name),
-                             wandb_mode="disabled", progress=False)
+            overrides = dict(
+                model_size=model_size,
+                seed=seed,
+                run_name=run_name,
+                cache_dir=args.cache_dir,
+                results_dir=str(out),
+                checkpoint_dir=str(Path("checkpoints") / out.name),
+                wandb_mode="disabled",
+                progress=False,
+            )
             config = vit_lib.TrainingConfig(**{**asdict(recipe), **overrides})
             scored, seconds = train_and_score(config, data_config)
             rows.append(eer_row(model_size, seed, scored, seconds))
             print(json.dumps(rows[-1]), flush=True)
     if args.gmm:
         started = time.perf_counter()
-        _, gmm_files = vit_lib.lfcc_gmm_baseline(args.cache_dir, recipe.dataset_name, args.corpus_dir,
-                                                 n_components=args.gmm_components, progress=False)
+        _, gmm_files = vit_lib.lfcc_gmm_baseline(
+            args.cache_dir,
+            recipe.dataset_name,
+            args.corpus_dir,
+            n_components=args.gmm_components,
+            progress=False,
+        )
         rows.append(eer_row(f"LFCC-GMM ({args.gmm_components})", 0, gmm_files, time.perf_counter() - started))
     metadata = vit_lib.read_dataset_metadata(dataset_dir)
-    train_files, test_files = (vit_lib.pool_file_scores(metadata[metadata["split"] == split])
-                               for split in ("train", "test"))
+    train_files, test_files = (
+        vit_lib.pool_file_scores(metadata[metadata["split"] == split]) for split in ("train", "test")
+    )
     audit = vit_lib.shortcut_audit(train_files, test_files, dataset_dir=dataset_dir)
-    folders = ("cache_dir", "results_dir", "checkpoint_dir", "run_name")   # per machine and per run
-    record = dict(recipe={k: v for k, v in asdict(recipe).items() if k not in folders},
-                  data=vit_lib.data_settings(data_config),
-                  corpus=vit_lib.display_path(args.corpus_dir), runs=rows, audit=audit.to_dict("records"),
-                  machine=dict(cpu=vit_lib.cpu_model(), cpu_count=os.cpu_count(),
-                               torch_threads=torch.get_num_threads(), platform=platform.platform(),
-                               torch=torch.__version__,
-                               precision=str(vit_lib.choose_precision(vit_lib.get_device(), recipe.mixed_precision))))
+    folders = ("cache_dir", "results_dir", "checkpoint_dir", "run_name")  # per machine and per run
+    record = dict(
+        recipe={k: v for k, v in asdict(recipe).items() if k not in folders},
+        data=vit_lib.data_settings(data_config),
+        corpus=vit_lib.display_path(args.corpus_dir),
+        runs=rows,
+        audit=audit.to_dict("records"),
+        machine=dict(
+            cpu=devices.cpu_model(),
+            cpu_count=os.cpu_count(),
+            torch_threads=torch.get_num_threads(),
+            platform=platform.platform(),
+            torch=torch.__version__,
+            precision=str(vit_lib.choose_precision(vit_lib.get_device(), recipe.mixed_precision)),
+        ),
+    )
     write_report(out, args.name or ("detection_original" if args.original else "detection"), record)
 
 
@@ -147,13 +202,17 @@ def merged_record(paths):
     for path, record in zip(paths[1:], records[1:]):
         for key in ("recipe", "data", "corpus", "audit"):
             if record.get(key) != records[0].get(key):
-                raise SystemExit(f"{path}: its {key} differs from that of {paths[0]}; "
-                                 f"only runs of one recipe on one corpus are merged")
+                raise SystemExit(
+                    f"{path}: its {key} differs from that of {paths[0]}; "
+                    f"only runs of one recipe on one corpus are merged"
+                )
     machines = [record["machine"] for record in records]
-    return dict({k: v for k, v in records[0].items() if k not in ("runs", "verdicts", "machine")},
-                runs=[run for record in records for run in record["runs"]],
-                machine=[m for i, m in enumerate(machines) if m not in machines[:i]],
-                merged_from=[Path(path).name for path in paths])
+    return dict(
+        {k: v for k, v in records[0].items() if k not in ("runs", "verdicts", "machine")},
+        runs=[run for record in records for run in record["runs"]],
+        machine=[m for i, m in enumerate(machines) if m not in machines[:i]],
+        merged_from=[Path(path).name for path in paths],
+    )
 
 
 def write_report(out, name, record):
@@ -163,9 +222,14 @@ def write_report(out, name, record):
     mean_eer = pd.DataFrame(record["runs"]).groupby("model", sort=False)["pooled"].mean()
     record["verdicts"] = {model: vit_lib.audit_verdict(audit, eer) for model, eer in mean_eer.items()}
     vit_lib.save_json_atomic(out / f"{name}.json", record)
-    markdown = (markdown_table(summary_table(record["runs"]).reset_index()) + "\n\n"
-                + markdown_table(audit.round(4)) + "\n\n"
-                + "\n".join(f"- {model}: {text}" for model, text in record["verdicts"].items()) + "\n")
+    markdown = (
+        markdown_table(summary_table(record["runs"]).reset_index())
+        + "\n\n"
+        + markdown_table(audit.round(4))
+        + "\n\n"
+        + "\n".join(f"- {model}: {text}" for model, text in record["verdicts"].items())
+        + "\n"
+    )
     with vit_lib.atomic_write(out / f"{name}.md", "w") as handle:
         handle.write(markdown)
     print(markdown)

@@ -1,5 +1,6 @@
 """How much of the machine other processes used during a timed run, so a benchmark can say
 whether its figures were taken on a quiet machine (Linux /proc/stat; None elsewhere)."""
+
 import os
 
 
@@ -11,7 +12,11 @@ def cpu_snapshot():
     except OSError:
         return None
     times = os.times()
-    return sum(ticks), ticks[3] + ticks[4], times.user + times.system + times.children_user + times.children_system
+    return (
+        sum(ticks),
+        ticks[3] + ticks[4],
+        times.user + times.system + times.children_user + times.children_system,
+    )
 
 
 def other_load(start, end):

@@ -9,8 +9,10 @@ imports and a warm-up on a 10 s clip, so it counts what the file itself costs. S
 audio per second of wall time on one core (torch and BLAS limited to one thread).
 
     .venv/bin/python benchmarks/long_files.py                        # 60 min scored, 20 min prepared
-    .venv/bin/python benchmarks/long_files.py --score-minutes 5 --prepare-minutes 5 --json results/long_files.json
+    .venv/bin/python benchmarks/long_files.py --score-minutes 5 --prepare-minutes 5 \\
+        --json results/long_files.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -47,19 +50,21 @@ def resident_bytes():
 def measure(task, path, warm_up):
     """In this (fresh) process: run `task` on `path` after a warm-up run; print the result as JSON."""
     import torch
+
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import vit_lib
+
     data_config = vit_lib.DataConfig()
-    model_config = vit_lib.ALL_MODEL_CONFIGS["vit_balanced_dataset"]
+    segment_config = vit_lib.SEGMENT_CONFIGS["vit_balanced_dataset"]
     model = vit_lib.speed_up(vit_lib.AudioViT(config=vit_lib.ViT_Small)).eval()
-    checkpoint = dict(model_config=model_config.as_dict(), data_config=vit_lib.data_settings(data_config))
+    checkpoint = dict(model_config=asdict(segment_config), data_config=vit_lib.data_settings(data_config))
     out_dir = Path(path).parent / f"{task}_npy"
 
     def run(audio):
         if task == "score":
             return vit_lib.score_audio_file(audio, model, checkpoint)[1]["segments"]
-        result = vit_lib._prepare_one((audio, out_dir, Path(audio).stem, model_config, data_config))
+        result = vit_lib._prepare_one((audio, out_dir, Path(audio).stem, segment_config, data_config))
         if "skip" in result:
             raise SystemExit(f"{audio}: {result['skip']}")
         return len(result["segments"])
@@ -71,9 +76,19 @@ def measure(task, path, warm_up):
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     seconds = sf.info(path).duration
-    print(json.dumps(dict(task=task, audio_minutes=round(seconds / 60, 2), segments=segments,
-                          baseline_mb=round(baseline / 1e6), peak_above_baseline_mb=round((peak - baseline) / 1e6),
-                          wall_s=round(wall, 1), audio_s_per_s_per_core=round(seconds / wall, 1))))
+    print(
+        json.dumps(
+            dict(
+                task=task,
+                audio_minutes=round(seconds / 60, 2),
+                segments=segments,
+                baseline_mb=round(baseline / 1e6),
+                peak_above_baseline_mb=round((peak - baseline) / 1e6),
+                wall_s=round(wall, 1),
+                audio_s_per_s_per_core=round(seconds / wall, 1),
+            )
+        )
+    )
 
 
 def main():
@@ -91,13 +106,19 @@ def main():
         warm_up = write_recording(Path(folder) / "warm_up.wav", 10)
         for task, minutes in (("score", args.score_minutes), ("prepare", args.prepare_minutes)):
             recording = write_recording(Path(folder) / f"{task}.wav", minutes * 60)
-            output = subprocess.run([sys.executable, __file__, "--measure", task, str(recording), str(warm_up)],
-                                    env=env, capture_output=True, text=True, check=True).stdout
+            output = subprocess.run(
+                [sys.executable, __file__, "--measure", task, str(recording), str(warm_up)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             results.append(json.loads(output.splitlines()[-1]))
             print(results[-1])
     if args.json:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         import vit_lib
+
         vit_lib.save_json_atomic(args.json, results)
 
 

@@ -12,17 +12,19 @@ Setup, once:
 
 Run from the repository root:
 
-    .venv/bin/python scripts/screenshot_notebook.py notebooks/02_vit_walkthrough.ipynb --out build/screenshots
+    .venv/bin/python scripts/screenshot_notebook.py notebooks/02_vit_walkthrough.ipynb \\
+        --out build/screenshots
 
 The notebook is copied to OUT/work/ and only the copy is opened, so JupyterLab's autosave never
 touches the committed notebook. `jupyter lab` from this venv serves that folder on a free local port
 with a random token, with a fresh JupyterLab profile in OUT/lab-profile/ and its log in
 OUT/jupyterlab.log; the kernel gets VIT_DEVICE=cpu. After Run > Run All Cells has finished, OUT/01.png
 shows the top of the page and OUT/02.png, 03.png, ... one window height further down each;
-OUT/progress.png catches the first widget progress bar while it runs. The summary lists cells run, figures, widget progress bars and error outputs. Exit status: 0 when no
-output went to stderr, 1 when one did (a traceback, a warning, a plain tqdm bar), 2 when the run
-itself failed.
+OUT/progress.png catches the first widget progress bar while it runs. The summary lists cells run,
+figures, widget progress bars and error outputs. Exit status: 0 when no output went to stderr, 1 when
+one did (a traceback, a warning, a plain tqdm bar), 2 when the run itself failed.
 """
+
 import argparse
 import contextlib
 import json
@@ -53,8 +55,10 @@ try:
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 except ImportError:
-    fail(f"selenium is missing; install it with: "
-         f"{sys.executable} -m pip install -r {REPO_ROOT / 'requirements-screenshots.txt'}")
+    fail(
+        f"selenium is missing; install it with: "
+        f"{sys.executable} -m pip install -r {REPO_ROOT / 'requirements-screenshots.txt'}"
+    )
 
 DEFAULT_NOTEBOOK = REPO_ROOT / "notebooks" / "02_vit_walkthrough.ipynb"
 WINDOW_SIZE = (1400, 1000)
@@ -65,7 +69,7 @@ POLL_S = 1
 # Polls in a row with the kernel idle and no [*] prompt before the run counts as finished: Run All
 # executes the cells one after the other, and the kernel is briefly idle between two of them.
 QUIET_POLLS = 3
-SCROLL_OVERLAP_PX = 60       # each screenshot repeats the bottom of the previous one, for context
+SCROLL_OVERLAP_PX = 60  # each screenshot repeats the bottom of the previous one, for context
 MAX_SCREENSHOTS = 200
 STDERR_MIME = "application/vnd.jupyter.stderr"
 
@@ -76,8 +80,10 @@ LAB_SETTINGS = {
     # (the "full" windowing mode would detach them).
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
     # No "get notified about Jupyter news?" toast over the screenshots, and no request to the internet.
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
-        {"fetchNews": "false", "checkForUpdates": False},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false",
+        "checkForUpdates": False,
+    },
 }
 
 # What the page shows, in one round trip. Errors render like any stderr stream in JupyterLab 4
@@ -92,7 +98,8 @@ const state = {
 };
 if (!notebook) return state;
 const outputs = [...notebook.querySelectorAll('.jp-OutputArea-output')];
-state.prompts = [...notebook.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent.trim());
+state.prompts = [...notebook.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]
+  .map(p => p.textContent.trim());
 state.figures = notebook.querySelectorAll('.jp-OutputArea-output img').length;
 state.widgets = outputs.filter(o => o.querySelector('.jupyter-widgets')).length;
 state.progressBars = notebook.querySelectorAll('.jp-OutputArea-output .widget-hprogress').length;
@@ -106,7 +113,8 @@ return state;
 SCROLL_DOWN_JS = """
 const [scroller, overlap] = arguments;
 const cells = scroller.querySelectorAll('.jp-Cell');
-if (cells[cells.length - 1].getBoundingClientRect().bottom <= scroller.getBoundingClientRect().bottom) return false;
+if (cells[cells.length - 1].getBoundingClientRect().bottom
+    <= scroller.getBoundingClientRect().bottom) return false;
 scroller.scrollTop += scroller.clientHeight - overlap;
 return true;
 """
@@ -118,15 +126,26 @@ class ScreenshotError(Exception):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebook", nargs="?", type=Path, default=DEFAULT_NOTEBOOK,
-                        help="the notebook to run (default: notebooks/02_vit_walkthrough.ipynb)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "screenshots",
-                        help="folder for the screenshots, the working copy and the JupyterLab log")
+    parser.add_argument(
+        "notebook",
+        nargs="?",
+        type=Path,
+        default=DEFAULT_NOTEBOOK,
+        help="the notebook to run (default: notebooks/02_vit_walkthrough.ipynb)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "build" / "screenshots",
+        help="folder for the screenshots, the working copy and the JupyterLab log",
+    )
     args = parser.parse_args()
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and chromedriver):
-        fail("Debian's chromium and chromium-driver packages are missing; "
-             "install them with: apt-get install chromium chromium-driver")
+        fail(
+            "Debian's chromium and chromium-driver packages are missing; "
+            "install them with: apt-get install chromium chromium-driver"
+        )
     if not args.notebook.is_file():
         fail(f"no notebook at {args.notebook}")
 
@@ -138,8 +157,10 @@ def main() -> int:
     for old in [*out_dir.glob("[0-9][0-9].png"), out_dir / "progress.png"]:  # none left from an older run
         old.unlink(missing_ok=True)
     try:
-        with jupyter_lab(work_dir, out_dir / "lab-profile", out_dir / "jupyterlab.log") as server, \
-                headless_chromium(chromium, chromedriver) as driver:
+        with (
+            jupyter_lab(work_dir, out_dir / "lab-profile", out_dir / "jupyterlab.log") as server,
+            headless_chromium(chromium, chromedriver) as driver,
+        ):
             state = run_notebook(driver, server, notebook.name, out_dir / "progress.png")
             screenshots = take_screenshots(driver, out_dir)
     except ScreenshotError as error:
@@ -159,9 +180,12 @@ class Server:
 
     def api(self, method: str, path: str):
         # The token travels in a header, so it never appears in a URL that an error message could show.
-        request = urllib.request.Request(f"{self.base_url}/api/{path}", method=method,
-                                         data=b"" if method == "POST" else None,
-                                         headers={"Authorization": f"token {self.token}"})
+        request = urllib.request.Request(
+            f"{self.base_url}/api/{path}",
+            method=method,
+            data=b"" if method == "POST" else None,
+            headers={"Authorization": f"token {self.token}"},
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             body = response.read()
         return json.loads(body) if body else None
@@ -175,12 +199,18 @@ def jupyter_lab(work_dir: Path, profile_dir: Path, log_path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings))
     server = Server(free_port(), secrets.token_hex(24))
-    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-               f"--ServerApp.port={server.port}",
-               "--ServerApp.port_retries=0",  # fail rather than quietly serve on a port we do not know
-               f"--ServerApp.root_dir={work_dir}",
-               f"--LabApp.user_settings_dir={profile_dir / 'user-settings'}",
-               f"--LabApp.workspaces_dir={profile_dir / 'workspaces'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={server.port}",
+        "--ServerApp.port_retries=0",  # fail rather than quietly serve on a port we do not know
+        f"--ServerApp.root_dir={work_dir}",
+        f"--LabApp.user_settings_dir={profile_dir / 'user-settings'}",
+        f"--LabApp.workspaces_dir={profile_dir / 'workspaces'}",
+    ]
     if os.geteuid() == 0:  # containers and cloud machines often log in as root; Jupyter refuses it unasked
         command.append("--allow-root")
     # The token goes through the environment rather than argv, so `ps` does not show it and Jupyter
@@ -257,8 +287,12 @@ def run_notebook(driver, server: Server, name: str, progress_path: Path) -> dict
     driver.get(f"{server.base_url}/lab/tree/{urllib.parse.quote(name)}?token={server.token}")
     # The kernel's state comes from the server: the notebook toolbar's indicator says "idle" even
     # before the kernel has started.
-    poll(driver, START_TIMEOUT_S, "the notebook and its kernel to be ready",
-         lambda state: state["notebook"] and kernel_state(server, name) == "idle")
+    poll(
+        driver,
+        START_TIMEOUT_S,
+        "the notebook and its kernel to be ready",
+        lambda state: state["notebook"] and kernel_state(server, name) == "idle",
+    )
     click_run_all_cells(driver)
 
     started = time.monotonic()
@@ -309,8 +343,10 @@ def poll(driver, timeout_s: float, what: str, done) -> dict:
 def click_run_all_cells(driver):
     # Through the Run menu, as a student would: JupyterLab 4 binds no key to Run All Cells. The entry
     # is found by its command id rather than its label, which may change between versions.
-    run_menu = next((item for item in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item")
-                     if item.text == "Run"), None)
+    run_menu = next(
+        (item for item in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item") if item.text == "Run"),
+        None,
+    )
     if run_menu is None:
         raise ScreenshotError("JupyterLab's menu bar has no Run menu")
     run_menu.click()
@@ -339,9 +375,11 @@ def print_summary(notebook: Path, state: dict, screenshots: list) -> int:
     prompts = state["prompts"]
     run = sum(prompt[1:-2].isdigit() for prompt in prompts)
     print(f"{notebook}: {run} of {len(prompts)} code cells run")
-    print(f"figures: {state['figures']}, widget outputs: {state['widgets']}, "
-          f"widget progress bars: {state['progressBars']} at the end, "
-          f"up to {state['progressBarsWhileRunning']} at once while running")
+    print(
+        f"figures: {state['figures']}, widget outputs: {state['widgets']}, "
+        f"widget progress bars: {state['progressBars']} at the end, "
+        f"up to {state['progressBarsWhileRunning']} at once while running"
+    )
     problems = [describe_stderr(text) for text in state["stderr"]]
     problems += ["widget failed to display"] * state["brokenWidgets"]
     print(f"error outputs: {len(problems)}")

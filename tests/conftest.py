@@ -1,4 +1,5 @@
 """Fixtures shared by the test modules that train or score on prepared data."""
+
 import contextlib
 import io
 from types import SimpleNamespace
@@ -16,7 +17,13 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
     corpus = vit_lib.make_fixture_corpus(root / "corpus", n_speakers=4, clips_per_speaker=2)
     with contextlib.redirect_stdout(io.StringIO()):
-        summary, _, _ = vit_lib.prepare_dataset(corpus, "vit_balanced_dataset", cache_dir=root / "cache",
-                                                num_workers=1, progress=False, split_fractions=(0.5, 0.25, 0.25))
+        summary, _, _ = vit_lib.prepare_dataset(
+            corpus,
+            "vit_balanced_dataset",
+            cache_dir=root / "cache",
+            num_workers=1,
+            progress=False,
+            split_fractions=(0.5, 0.25, 0.25),
+        )
     assert all(summary["segments_per_split"].values()), summary
     return SimpleNamespace(root=root, corpus=corpus, cache=root / "cache", summary=summary)

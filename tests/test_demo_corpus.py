@@ -1,5 +1,6 @@
 """The offline demo corpus builder on locally made stand-ins: a stand-in sound package of synthetic
 G.722 recordings with transcripts, stand-in speech engines, and a stand-in apt. No network."""
+
 import dataclasses
 import hashlib
 import shutil
@@ -10,20 +11,23 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-import demo_corpus as dc
 import vit_lib
+from vit_audio import corpora
+from vit_audio import demo_corpus as dc
 
 TTS_RATE = 22050
 SOUND_PACKAGE = dc.Package("asterisk-core-sounds-xx-g722", "0.1", "CC0-1.0")
-TRANSCRIPTS = {"en": "welcome: Welcome to the demo.\npress-one: Press one for sales.\n"
-                     "goodbye: Goodbye, and thank you.\none-moment: One moment please.\n"
-                     "main-menu: Main menu.\nbeep: [a simple beep tone]\nok: Okay.\n",
-               "fr": "welcome: Bienvenue dans la démo.\npress-one: Appuyez sur un pour les ventes.\n"
-                     "goodbye: Au revoir, et merci.\none-moment: Un instant s'il vous plaît.\n"
-                     "main-menu: Menu principal.\nbeep: (bip)\nok: D'accord.\n",
-               "es": "welcome: Bienvenido a la demo.\npress-one: Oprima uno para ventas.\n"
-                     "goodbye: Adiós, y gracias.\none-moment: Un momento por favor.\n"
-                     "main-menu: Menú principal.\nbeep: [tono]\nok: Bueno.\n"}
+TRANSCRIPTS = {
+    "en": "welcome: Welcome to the demo.\npress-one: Press one for sales.\n"
+    "goodbye: Goodbye, and thank you.\none-moment: One moment please.\n"
+    "main-menu: Main menu.\nbeep: [a simple beep tone]\nok: Okay.\n",
+    "fr": "welcome: Bienvenue dans la démo.\npress-one: Appuyez sur un pour les ventes.\n"
+    "goodbye: Au revoir, et merci.\none-moment: Un instant s'il vous plaît.\n"
+    "main-menu: Menu principal.\nbeep: (bip)\nok: D'accord.\n",
+    "es": "welcome: Bienvenido a la demo.\npress-one: Oprima uno para ventas.\n"
+    "goodbye: Adiós, y gracias.\none-moment: Un momento por favor.\n"
+    "main-menu: Menú principal.\nbeep: [tono]\nok: Bueno.\n",
+}
 # One recorded person per package, as in the Debian packages: three real speakers.
 FOLDERS = {"en": "en_US_f_Alice", "fr": "fr_CA_f_Berthe", "es": "es_MX_m_Carl"}
 
@@ -40,6 +44,7 @@ def utterance(seconds, f0, sr, seed=0):
 @dataclasses.dataclass(frozen=True)
 class StandInVoice:
     """Speaks any text as a harmonic signal whose length follows the text; picklable for the pool."""
+
     engine: str
     name: str
     language: str
@@ -55,15 +60,22 @@ class StandInVoice:
         return (audio * 0 if self.silent else audio), TTS_RATE
 
 
-VOICES = [StandInVoice("espeak-ng", "en-us", "en"), StandInVoice("espeak-ng", "es-419", "es"),
-          StandInVoice("espeak-ng", "fr-fr", "fr"), StandInVoice("flite", "slt", "en"),
-          StandInVoice("flite", "rms", "en"), StandInVoice("flite", "awb", "en")]
+VOICES = [
+    StandInVoice("espeak-ng", "en-us", "en"),
+    StandInVoice("espeak-ng", "es-419", "es"),
+    StandInVoice("espeak-ng", "fr-fr", "fr"),
+    StandInVoice("flite", "slt", "en"),
+    StandInVoice("flite", "rms", "en"),
+    StandInVoice("flite", "awb", "en"),
+]
 
 
 def make_sound_package(root):
     """G.722 recordings and transcripts laid out as the Debian packages lay them out; returns prompts."""
     prompts = []
-    transcripts = {lang: dc.read_transcripts(_write(root / f"{lang}.txt", text)) for lang, text in TRANSCRIPTS.items()}
+    transcripts = {
+        lang: dc.read_transcripts(_write(root / f"{lang}.txt", text)) for lang, text in TRANSCRIPTS.items()
+    }
     non_speech = {name for texts in transcripts.values() for name, text in texts.items() if not text}
     for person, (lang, folder) in enumerate(FOLDERS.items()):
         sounds = root / lang / "usr/share/asterisk/sounds"
@@ -73,8 +85,9 @@ def make_sound_package(root):
             path = sounds / folder / f"{name}.g722"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(dc.encode_g722(audio))
-        found, _ = dc.prompts_in_package(sounds, transcripts[lang], lang, SOUND_PACKAGE, non_speech,
-                                         transcripts["en"])
+        found, _ = dc.prompts_in_package(
+            sounds, transcripts[lang], lang, SOUND_PACKAGE, non_speech, transcripts["en"]
+        )
         prompts += found
     return prompts
 
@@ -156,15 +169,26 @@ def test_shipped_split_is_speaker_disjoint_with_both_classes_and_every_kind_in_e
 
 
 def split_meta(rows):
-    return pd.DataFrame([dict(speaker=s, label=label, attack=attack, language=language)
-                         for s, label, attack, language, n in rows for _ in range(n)])
+    return pd.DataFrame(
+        [
+            dict(speaker=s, label=label, attack=attack, language=language)
+            for s, label, attack, language, n in rows
+            for _ in range(n)
+        ]
+    )
 
 
 def test_each_group_of_speakers_sends_its_smallest_to_test_and_val():
-    rows = [("asterisk:A", "bona-fide", "-", "en", 9), ("asterisk:A", "spoof", "vocoder_lpc", "en", 5),
-            ("asterisk:B", "bona-fide", "-", "en", 4), ("asterisk:C", "bona-fide", "-", "en", 6),
-            ("flite:slt", "spoof", "tts_flite", "en", 3), ("flite:rms", "spoof", "tts_flite", "en", 2),
-            ("flite:awb", "spoof", "tts_flite", "en", 4), ("espeak-ng:it", "spoof", "tts_espeak", "it", 5)]
+    rows = [
+        ("asterisk:A", "bona-fide", "-", "en", 9),
+        ("asterisk:A", "spoof", "vocoder_lpc", "en", 5),
+        ("asterisk:B", "bona-fide", "-", "en", 4),
+        ("asterisk:C", "bona-fide", "-", "en", 6),
+        ("flite:slt", "spoof", "tts_flite", "en", 3),
+        ("flite:rms", "spoof", "tts_flite", "en", 2),
+        ("flite:awb", "spoof", "tts_flite", "en", 4),
+        ("espeak-ng:it", "spoof", "tts_espeak", "it", 5),
+    ]
     splits = dc.speaker_splits(split_meta(rows))
     assert [splits[s] for s in ("asterisk:B", "asterisk:C", "asterisk:A")] == ["test", "val", "train"]
     assert [splits[s] for s in ("flite:rms", "flite:slt", "flite:awb")] == ["test", "val", "train"]
@@ -172,19 +196,32 @@ def test_each_group_of_speakers_sends_its_smallest_to_test_and_val():
 
 
 def test_a_language_only_held_out_persons_speak_is_held_out_with_them():
-    """Train must not hear French from synthetic voices alone when the only French recorded person is in test."""
-    rows = [("asterisk:Fr", "bona-fide", "-", "fr", 4), ("asterisk:Ru", "bona-fide", "-", "ru", 5),
-            ("asterisk:En", "bona-fide", "-", "en", 9), ("asterisk:Es", "bona-fide", "-", "es", 9),
-            ("asterisk:En", "bona-fide", "-", "es", 9),
-            ("espeak-ng:fr1", "spoof", "tts_espeak", "fr", 9), ("espeak-ng:fr2", "spoof", "tts_espeak", "fr", 8),
-            ("espeak-ng:ru", "spoof", "tts_espeak", "ru", 9), ("espeak-ng:en1", "spoof", "tts_espeak", "en", 1),
-            ("espeak-ng:en2", "spoof", "tts_espeak", "en", 2), ("espeak-ng:es", "spoof", "tts_espeak", "es", 3),
-            ("flite:slt", "spoof", "tts_flite", "en", 3), ("flite:rms", "spoof", "tts_flite", "en", 2),
-            ("flite:awb", "spoof", "tts_flite", "en", 4)]
+    """Train must not hear French from synthetic voices alone when the only French recorded
+    person is in test."""
+    rows = [
+        ("asterisk:Fr", "bona-fide", "-", "fr", 4),
+        ("asterisk:Ru", "bona-fide", "-", "ru", 5),
+        ("asterisk:En", "bona-fide", "-", "en", 9),
+        ("asterisk:Es", "bona-fide", "-", "es", 9),
+        ("asterisk:En", "bona-fide", "-", "es", 9),
+        ("espeak-ng:fr1", "spoof", "tts_espeak", "fr", 9),
+        ("espeak-ng:fr2", "spoof", "tts_espeak", "fr", 8),
+        ("espeak-ng:ru", "spoof", "tts_espeak", "ru", 9),
+        ("espeak-ng:en1", "spoof", "tts_espeak", "en", 1),
+        ("espeak-ng:en2", "spoof", "tts_espeak", "en", 2),
+        ("espeak-ng:es", "spoof", "tts_espeak", "es", 3),
+        ("flite:slt", "spoof", "tts_flite", "en", 3),
+        ("flite:rms", "spoof", "tts_flite", "en", 2),
+        ("flite:awb", "spoof", "tts_flite", "en", 4),
+    ]
     meta = split_meta(rows)
     splits = dc.speaker_splits(meta)
-    assert [splits[s] for s in ("asterisk:Fr", "asterisk:Ru", "asterisk:Es", "asterisk:En")] == \
-        ["test", "val", "train", "train"]
+    assert [splits[s] for s in ("asterisk:Fr", "asterisk:Ru", "asterisk:Es", "asterisk:En")] == [
+        "test",
+        "val",
+        "train",
+        "train",
+    ]
     assert [splits[s] for s in ("espeak-ng:fr1", "espeak-ng:fr2", "espeak-ng:ru")] == ["test", "test", "val"]
     # they fill the engine's held-out places: its smallest other voices, which would have gone, stay in train
     assert {splits[s] for s in ("espeak-ng:en1", "espeak-ng:en2", "espeak-ng:es")} == {"train"}
@@ -192,14 +229,18 @@ def test_a_language_only_held_out_persons_speak_is_held_out_with_them():
     meta["split"] = meta["speaker"].map(splits)
     train = meta[meta["split"] == "train"]
     assert set(train["language"]) == {"en", "es"}
-    assert train.groupby("language")["label"].nunique().eq(2).all()   # every language of train in both classes
+    assert train.groupby("language")["label"].nunique().eq(2).all()  # every language of train in both classes
 
 
 def test_an_engine_keeps_a_voice_in_train_whatever_its_languages():
-    rows = [("asterisk:Fr", "bona-fide", "-", "fr", 4), ("asterisk:Ru", "bona-fide", "-", "ru", 5),
-            ("asterisk:En", "bona-fide", "-", "en", 9),
-            ("espeak-ng:fr", "spoof", "tts_espeak", "fr", 9), ("espeak-ng:en1", "spoof", "tts_espeak", "en", 1),
-            ("espeak-ng:en2", "spoof", "tts_espeak", "en", 2)]
+    rows = [
+        ("asterisk:Fr", "bona-fide", "-", "fr", 4),
+        ("asterisk:Ru", "bona-fide", "-", "ru", 5),
+        ("asterisk:En", "bona-fide", "-", "en", 9),
+        ("espeak-ng:fr", "spoof", "tts_espeak", "fr", 9),
+        ("espeak-ng:en1", "spoof", "tts_espeak", "en", 1),
+        ("espeak-ng:en2", "spoof", "tts_espeak", "en", 2),
+    ]
     splits = dc.speaker_splits(split_meta(rows))
     assert [splits[s] for s in ("espeak-ng:fr", "espeak-ng:en1", "espeak-ng:en2")] == ["test", "val", "train"]
 
@@ -236,7 +277,7 @@ def test_level_and_leading_silence_are_drawn_alike_for_both_classes(corpus):
     for label, group in meta.groupby("label"):
         for file in group["file"]:
             audio, sr = sf.read(corpus / file, dtype="float32")
-            loudness = vit_lib.loudness_normalize(audio, sr)[1]
+            loudness = vit_lib.loudness_normalize(audio, sr, -23.0)[1]
             leading = np.argmax(np.abs(audio) > 1e-3) / sr
             assert dc.LEVEL_LUFS[0] - 1 < loudness < dc.LEVEL_LUFS[1] + 1, (label, file, loudness)
             assert dc.PAD_SECONDS[0] <= leading <= dc.PAD_SECONDS[1] + 0.1, (label, file, leading)
@@ -246,7 +287,7 @@ def test_every_file_leaves_without_dc_offset():
     # A pulse-train vocoder leaves a DC offset the recordings lack: a one-number shortcut to the class.
     audio = utterance(1.0, 150, dc.SR) + 0.2
     out = dc.finish_clip(audio, seed=3).astype(np.float64)
-    assert abs(out.mean()) < 0.01 * np.sqrt(np.mean(out ** 2))
+    assert abs(out.mean()) < 0.01 * np.sqrt(np.mean(out**2))
 
 
 def test_vocoders_are_deterministic_and_keep_the_length():
@@ -274,7 +315,9 @@ class StandInApt:
 def test_corrupt_download_is_detected_by_checksum_and_refused(monkeypatch, tmp_path):
     apt = StandInApt(served=b"truncated")
     monkeypatch.setattr(dc, "run_apt", apt)
-    with pytest.raises(dc.CorpusBuildError, match=r"Corrupt download of Debian package 'pkg'.*apt-get download pkg"):
+    with pytest.raises(
+        dc.CorpusBuildError, match=r"Corrupt download of Debian package 'pkg'.*apt-get download pkg"
+    ):
         dc.fetch_deb("pkg", tmp_path)
     assert apt.downloads == 2 and not list(tmp_path.glob("*.deb"))
 
@@ -298,15 +341,22 @@ def test_no_apt_names_the_package_and_the_command():
 
 
 def test_engine_that_cannot_run_names_the_package_and_the_command(tmp_path):
-    voice = dc.CommandVoice("espeak-ng", "en-us", "en", dc.Package("espeak-ng", "1", "GPL-3+"),
-                            (str(tmp_path / "missing" / "espeak-ng"), "-w", "{wav}", "-f", "{text}"))
+    voice = dc.CommandVoice(
+        "espeak-ng",
+        "en-us",
+        "en",
+        dc.Package("espeak-ng", "1", "GPL-3+"),
+        (str(tmp_path / "missing" / "espeak-ng"), "-w", "{wav}", "-f", "{text}"),
+    )
     with pytest.raises(dc.CorpusBuildError, match=r"espeak-ng cannot run.*apt-get download espeak-ng"):
         dc.check_voice(voice)
 
 
 def test_licence_is_read_from_machine_readable_copyright():
-    text = ("Format: https://example.org/dep5\n\nFiles: *\nLicense: CC-BY-SA-3.0\n\n"
-            "Files: ru-*\nLicense: CC-BY-3.0\n\nFiles: debian/*\nLicense: GPL-2+\n")
+    text = (
+        "Format: https://example.org/dep5\n\nFiles: *\nLicense: CC-BY-SA-3.0\n\n"
+        "Files: ru-*\nLicense: CC-BY-3.0\n\nFiles: debian/*\nLicense: GPL-2+\n"
+    )
     assert dc.licence_from_copyright(text, "ru-") == "CC-BY-3.0"
     assert dc.licence_from_copyright(text, "en-") == "CC-BY-SA-3.0"
     assert dc.licence_from_copyright("Free-form text, no stanzas.") is None
@@ -315,14 +365,21 @@ def test_licence_is_read_from_machine_readable_copyright():
 def test_read_in_the_wild_reads_optional_attack_and_split_columns(tmp_path):
     for name in ("a.wav", "b.wav", "c.wav"):
         sf.write(tmp_path / name, np.zeros(1600), 16000)
-    pd.DataFrame(dict(file=["a.wav", "b.wav", "c.wav"], speaker=["s1", "s2", "s3"],
-                      label=["bona-fide", "spoof", "spoof"], attack=["-", "tts_flite", "x"],
-                      split=["train", "test", "holdout"])).to_csv(tmp_path / "meta.csv", index=False)
-    files, skipped = vit_lib.read_in_the_wild(tmp_path)
+    pd.DataFrame(
+        dict(
+            file=["a.wav", "b.wav", "c.wav"],
+            speaker=["s1", "s2", "s3"],
+            label=["bona-fide", "spoof", "spoof"],
+            attack=["-", "tts_flite", "x"],
+            split=["train", "test", "holdout"],
+        )
+    ).to_csv(tmp_path / "meta.csv", index=False)
+    files, skipped = corpora.read_in_the_wild(tmp_path)
     assert list(files["attack"]) == ["-", "tts_flite"] and list(files["split"]) == ["train", "test"]
     assert len(skipped) == 1 and "holdout" in skipped[0][1]
-    pd.DataFrame(dict(file=["a.wav", "b.wav"], speaker=["s1", "s2"],
-                      label=["bona-fide", "spoof"])).to_csv(tmp_path / "meta.csv", index=False)
-    files, _ = vit_lib.read_in_the_wild(tmp_path)
+    pd.DataFrame(dict(file=["a.wav", "b.wav"], speaker=["s1", "s2"], label=["bona-fide", "spoof"])).to_csv(
+        tmp_path / "meta.csv", index=False
+    )
+    files, _ = corpora.read_in_the_wild(tmp_path)
     assert files["attack"].iloc[0] == "-" and files["attack"].iloc[1:].isna().all()
     assert files["split"].isna().all()

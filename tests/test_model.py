@@ -1,5 +1,6 @@
 """Unit tests of the model side of vit_lib: configurations, the ViT and the
 evaluation metrics. No training here; see test_training.py."""
+
 import copy
 import math
 
@@ -29,17 +30,25 @@ def test_vit_config_rejects_image_not_divisible_by_patch(image_size):
 
 
 def test_model_configs_give_the_original_spectrogram_widths():
-    assert vit_lib.ALL_MODEL_CONFIGS["vit_balanced_dataset"].max_frames_spec == 256   # 8 s
-    assert vit_lib.ALL_MODEL_CONFIGS["vit_performance_dataset"].max_frames_spec == 320  # 10 s
-    assert vit_lib.ALL_MODEL_CONFIGS["vit_balanced_dataset"].overlap_ratio == 0.5
-    assert vit_lib.ALL_MODEL_CONFIGS["vit_performance_dataset"].overlap_ratio == 0.0
+    assert vit_lib.SEGMENT_CONFIGS["vit_balanced_dataset"].max_frames_spec == 256  # 8 s
+    assert vit_lib.SEGMENT_CONFIGS["vit_performance_dataset"].max_frames_spec == 320  # 10 s
+    assert vit_lib.SEGMENT_CONFIGS["vit_balanced_dataset"].overlap_ratio == 0.5
+    assert vit_lib.SEGMENT_CONFIGS["vit_performance_dataset"].overlap_ratio == 0.0
 
 
 def test_original_recipe_is_one_setting_away():
     config = TrainingConfig.original()
-    assert (config.model_size, config.optimizer, config.learning_rate, config.batch_size, config.seed,
-            config.lr_schedule, config.class_balance, config.patch_embedding, config.select_best_by) == \
-        ("ViT_Small", "adam", 1e-4, 32, 42, "constant", "none", "linear", "val_f1")
+    assert (
+        config.model_size,
+        config.optimizer,
+        config.learning_rate,
+        config.batch_size,
+        config.seed,
+        config.lr_schedule,
+        config.class_balance,
+        config.patch_embedding,
+        config.select_best_by,
+    ) == ("ViT_Small", "adam", 1e-4, 32, 42, "constant", "none", "linear", "val_f1")
     assert config.run_name == "ViT_Small_vit_balanced_dataset"
     assert TrainingConfig.original(epochs=3, learning_rate=1e-3).learning_rate == 1e-3
     assert not vit_lib.DataConfig.original().SUBTRACT_ROW_MEANS
@@ -48,29 +57,37 @@ def test_original_recipe_is_one_setting_away():
 
 def test_training_config_defaults_are_the_recipe_that_learns_real_speech():
     config = TrainingConfig()
-    assert (config.optimizer, config.lr_schedule, config.class_balance, config.patch_embedding,
-            config.select_best_by, config.dataset_name) == \
-        ("adamw", "warmup_cosine", "balanced_sampler", "conv", "val_eer", "vit_short_dataset")
-    assert vit_lib.ALL_MODEL_CONFIGS["vit_short_dataset"].max_frames_spec == 128   # 4 s
+    assert (
+        config.optimizer,
+        config.lr_schedule,
+        config.class_balance,
+        config.patch_embedding,
+        config.select_best_by,
+        config.dataset_name,
+    ) == ("adamw", "warmup_cosine", "balanced_sampler", "conv", "val_eer", "vit_short_dataset")
+    assert vit_lib.SEGMENT_CONFIGS["vit_short_dataset"].max_frames_spec == 128  # 4 s
     assert vit_lib.DataConfig().SUBTRACT_ROW_MEANS
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(model_size="ViT_Huge"), r"Unknown model_size 'ViT_Huge'"),
-    (dict(dataset_name="no_such_dataset"), r"Unknown dataset_name 'no_such_dataset'"),
-    (dict(epochs=0), r"epochs must be positive, got 0"),
-    (dict(epochs=-3), r"epochs must be positive, got -3"),
-    (dict(learning_rate=0.0), r"learning_rate must be positive"),
-    (dict(learning_rate=-1e-4), r"learning_rate must be positive"),
-    (dict(batch_size=0), r"batch_size must be positive, got 0"),
-    (dict(optimizer="sgd"), r"optimizer must be one of .*'sgd'"),
-    (dict(lr_schedule="step"), r"lr_schedule must be one of .*'step'"),
-    (dict(class_balance="oversample"), r"class_balance must be one of .*'oversample'"),
-    (dict(num_workers=-1), r"num_workers must be >= 0, got -1"),
-    (dict(early_stopping_patience=0), r"early_stopping_patience must be positive or None, got 0"),
-    (dict(grad_clip_norm=0.0), r"grad_clip_norm must be positive or None, got 0.0"),
-    (dict(grad_clip_norm=-1.0), r"grad_clip_norm must be positive or None, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(model_size="ViT_Huge"), r"model_size must be one of .*, got 'ViT_Huge'"),
+        (dict(dataset_name="no_such_dataset"), r"dataset_name must be one of .*, got 'no_such_dataset'"),
+        (dict(epochs=0), r"epochs must be positive, got 0"),
+        (dict(epochs=-3), r"epochs must be positive, got -3"),
+        (dict(learning_rate=0.0), r"learning_rate must be positive"),
+        (dict(learning_rate=-1e-4), r"learning_rate must be positive"),
+        (dict(batch_size=0), r"batch_size must be positive, got 0"),
+        (dict(optimizer="sgd"), r"optimizer must be one of .*'sgd'"),
+        (dict(lr_schedule="step"), r"lr_schedule must be one of .*'step'"),
+        (dict(class_balance="oversample"), r"class_balance must be one of .*'oversample'"),
+        (dict(num_workers=-1), r"num_workers must be >= 0, got -1"),
+        (dict(early_stopping_patience=0), r"early_stopping_patience must be positive or None, got 0"),
+        (dict(grad_clip_norm=0.0), r"grad_clip_norm must be positive or None, got 0.0"),
+        (dict(grad_clip_norm=-1.0), r"grad_clip_norm must be positive or None, got -1.0"),
+    ],
+)
 def test_training_config_rejects_bad_values_with_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainingConfig(**kwargs)
@@ -87,8 +104,10 @@ def test_make_vit_config_rejects_unknown_size():
 
 
 # ---------------------------------------------------------------- parameter counts
-@pytest.mark.parametrize("size, low, high", [("ViT_Small", 2.0e6, 3.0e6), ("ViT_Medium", 4.0e6, 6.0e6),
-                                             ("ViT_Large", 10.0e6, 12.0e6)])
+@pytest.mark.parametrize(
+    "size, low, high",
+    [("ViT_Small", 2.0e6, 3.0e6), ("ViT_Medium", 4.0e6, 6.0e6), ("ViT_Large", 10.0e6, 12.0e6)],
+)
 def test_trainable_parameters_at_128x256_are_in_each_sizes_range(size, low, high):
     model = AudioViT(config=vit_lib.make_vit_config(size, (128, 256)))
     assert low <= vit_lib.count_parameters(model) <= high
@@ -97,14 +116,20 @@ def test_trainable_parameters_at_128x256_are_in_each_sizes_range(size, low, high
 def expected_parameter_count(config):
     """By hand from the architecture (every attention head is dim // heads wide)."""
     d, m, p = config.dim, config.mlp_dim, config.patch_dim
-    patch_embedding = 2 * p + (p * d + d) + 2 * d           # LayerNorm(patch_dim), Linear, LayerNorm(dim)
+    patch_embedding = 2 * p + (p * d + d) + 2 * d  # LayerNorm(patch_dim), Linear, LayerNorm(dim)
     positions_and_cls = (config.num_patches + 1) * d + d
-    per_layer = (2 * d                                      # PreNorm LayerNorm (attention)
-                 + 3 * d * d                                # to_qkv, no bias
-                 + d * d + d                                # to_out Linear
-                 + 2 * d                                    # PreNorm LayerNorm (MLP)
-                 + d * m + m + m * d + d)                   # MLP Linear, Linear
-    head = 2 * d + d * 2 + 2                                # LayerNorm + Linear to 2 logits
+    per_layer = (
+        2 * d  # PreNorm LayerNorm (attention)
+        + 3 * d * d  # to_qkv, no bias
+        + d * d
+        + d  # to_out Linear
+        + 2 * d  # PreNorm LayerNorm (MLP)
+        + d * m
+        + m
+        + m * d
+        + d
+    )  # MLP Linear, Linear
+    head = 2 * d + d * 2 + 2  # LayerNorm + Linear to 2 logits
     return patch_embedding + positions_and_cls + config.depth * per_layer + head
 
 
@@ -126,7 +151,7 @@ TINY = dict(patch_size=(16, 16), dim=32, depth=2, heads=4, mlp_dim=64)
 @pytest.mark.parametrize("dataset_name", ["vit_balanced_dataset", "vit_performance_dataset"])
 def test_audio_vit_outputs_two_logits_for_each_dataset_shape(dataset_name):
     torch.manual_seed(0)
-    width = vit_lib.ALL_MODEL_CONFIGS[dataset_name].max_frames_spec
+    width = vit_lib.SEGMENT_CONFIGS[dataset_name].max_frames_spec
     model = AudioViT(config=vit_lib.make_vit_config("ViT_Small", (128, width))).eval()
     with torch.no_grad():
         out = model(torch.randn(3, 1, 128, width))
@@ -182,7 +207,7 @@ def test_sped_up_model_equals_the_plain_model_on_same_weights():
     x = torch.randn(2, 1, 128, 256)
     with torch.no_grad():
         expected, fused_out = plain(x), fused(x)
-        with_maps, _ = fused(x, return_attention=True)   # the plain path inside the sped-up model
+        with_maps, _ = fused(x, return_attention=True)  # the plain path inside the sped-up model
     torch.testing.assert_close(fused_out, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(with_maps, expected, atol=1e-5, rtol=0)
 
@@ -229,8 +254,8 @@ def test_fast_dropout_is_identity_when_off_and_reproducible_under_a_seed():
         torch.manual_seed(3)
         draws.append((vit_lib.fast_dropout(x, 0.5), vit_lib.fast_dropout(x, 0.5)))
     torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
-    assert not torch.equal(draws[0][0], draws[0][1])   # each call draws a fresh mask
-    odd_shape = torch.ones(3, 5, 7)                      # numel not a multiple of 4
+    assert not torch.equal(draws[0][0], draws[0][1])  # each call draws a fresh mask
+    odd_shape = torch.ones(3, 5, 7)  # numel not a multiple of 4
     assert vit_lib.fast_dropout(odd_shape, 0.5).shape == (3, 5, 7)
 
 
@@ -239,9 +264,9 @@ def test_sped_up_model_trains_on_cpu_without_sdpa_and_evaluates_with_it():
     config = ViTConfig("t", (32, 64), **TINY)
     model = vit_lib.speed_up(AudioViT(config=config))
     attention, x = model.transformer.layers[0][0].fn, torch.randn(2, 9, config.dim)
-    assert not attention.uses_sdpa(x, return_attention=False)      # dropout on CPU: our mask
+    assert not attention.uses_sdpa(x, return_attention=False)  # dropout on CPU: our mask
     assert attention.eval().uses_sdpa(x, return_attention=False)
-    assert not attention.uses_sdpa(x, return_attention=True)        # the maps need the einsum path
+    assert not attention.uses_sdpa(x, return_attention=True)  # the maps need the einsum path
     model.train()(torch.randn(2, 1, 32, 64)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -264,7 +289,7 @@ def test_cls_attention_and_rollout_give_one_weight_per_patch(tiny_attention_maps
 def test_eer_is_zero_when_classes_are_perfectly_separated():
     eer, threshold = vit_lib.equal_error_rate([3.0, 4.0, 5.0], [0.0, 1.0, 2.0])
     assert eer == 0.0
-    assert threshold == 2.0   # the highest spoof score: everything <= 2 is rejected
+    assert threshold == 2.0  # the highest spoof score: everything <= 2 is rejected
 
 
 def test_eer_on_interleaved_scores_is_one_half_at_threshold_two():
@@ -289,8 +314,8 @@ def test_det_curve_has_one_point_per_sorted_score_plus_one_below_them_all():
     # the interleaved lists of the test above, their table row by row
     frr, far, thresholds = vit_lib.det_curve([1, 2, 3, 4], [0, 1.5, 2.5, 3.5])
     np.testing.assert_array_equal(thresholds, [-0.001, 0, 1, 1.5, 2, 2.5, 3, 3.5, 4])
-    np.testing.assert_array_equal(frr, [0, 0, .25, .25, .5, .5, .75, .75, 1])
-    np.testing.assert_array_equal(far, [1, .75, .75, .5, .5, .25, .25, 0, 0])
+    np.testing.assert_array_equal(frr, [0, 0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1])
+    np.testing.assert_array_equal(far, [1, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0, 0])
 
 
 def test_eer_with_scores_tied_across_classes_passes_the_bona_fide_ones_first():
@@ -327,7 +352,7 @@ def test_eer_is_unchanged_by_strictly_increasing_transforms_of_the_scores():
     rng = np.random.default_rng(11)
     bona, spoof = rng.integers(-3, 5, size=40).astype(float), rng.integers(-5, 3, size=30).astype(float)
     eer = vit_lib.equal_error_rate(bona, spoof)[0]
-    for transform in (np.exp, lambda x: 3 * x - 7, lambda x: x ** 3, np.arctan):
+    for transform in (np.exp, lambda x: 3 * x - 7, lambda x: x**3, np.arctan):
         assert vit_lib.equal_error_rate(transform(bona), transform(spoof))[0] == eer
 
 
@@ -359,8 +384,9 @@ def test_eer_equals_a_threshold_search_on_random_untied_scores():
 
 
 def test_eer_accepts_lists_and_int_arrays_like_float_arrays():
-    assert vit_lib.equal_error_rate([1, 2, 3, 4], [0, 1, 2, 3]) == \
-        vit_lib.equal_error_rate(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 1.0, 2.0, 3.0]))
+    assert vit_lib.equal_error_rate([1, 2, 3, 4], [0, 1, 2, 3]) == vit_lib.equal_error_rate(
+        np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 1.0, 2.0, 3.0])
+    )
 
 
 # ---------------------------------------------------------------- compute_metrics and score checks
@@ -372,8 +398,15 @@ def test_compute_metrics_on_hand_checked_example():
     # EER with bona fide score -p: sorted -0.9s -0.55b -0.4s -0.3b -0.2b -0.1b
     #   FRR 0 0 .25 .25 .5 .75 1, FAR 1 .5 .5 0 0 0 0 -> first min |diff| .25 at t = -0.55: EER .375
     metrics = vit_lib.compute_metrics(labels, p_fake)
-    assert set(metrics) == {"accuracy", "f1", "roc_auc", "eer", "eer_threshold_p_fake", "accuracy_at_eer",
-                            "f1_at_eer"}
+    assert set(metrics) == {
+        "accuracy",
+        "f1",
+        "roc_auc",
+        "eer",
+        "eer_threshold_p_fake",
+        "accuracy_at_eer",
+        "f1_at_eer",
+    }
     assert metrics["accuracy"] == pytest.approx(4 / 6)
     assert metrics["f1"] == pytest.approx(0.5)
     assert metrics["roc_auc"] == pytest.approx(7 / 8)
@@ -384,14 +417,17 @@ def test_compute_metrics_on_hand_checked_example():
     assert metrics["f1_at_eer"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("labels, scores, message", [
-    ([], [], "empty score list"),
-    ([0, 1, 1], [0.2, float("nan"), 0.7], "1 NaN score"),
-    ([1, 1, 1], [0.2, 0.4, 0.7], "need both bona fide and spoof scores, got only fake"),
-    ([0, 0], [0.2, 0.4], "need both bona fide and spoof scores, got only real"),
-    ([0, 1], [0.2, 0.4, 0.6], "2 labels but 3 scores"),
-    ([0, 2], [0.2, 0.4], "labels must be 0"),
-])
+@pytest.mark.parametrize(
+    "labels, scores, message",
+    [
+        ([], [], "empty score list"),
+        ([0, 1, 1], [0.2, float("nan"), 0.7], "1 NaN score"),
+        ([1, 1, 1], [0.2, 0.4, 0.7], "need both bona fide and spoof scores, got only fake"),
+        ([0, 0], [0.2, 0.4], "need both bona fide and spoof scores, got only real"),
+        ([0, 1], [0.2, 0.4, 0.6], "2 labels but 3 scores"),
+        ([0, 2], [0.2, 0.4], "labels must be 0"),
+    ],
+)
 def test_scores_are_checked_with_clear_errors(labels, scores, message):
     with pytest.raises(ValueError, match=message):
         vit_lib.compute_metrics(labels, scores)
@@ -403,14 +439,18 @@ def test_scores_are_checked_with_clear_errors(labels, scores, message):
 def segment_table():
     """As score_segments gives it: a.wav (real, 3 segments), b.wav (fake A01, 2), c.wav (fake A02, 1),
     d.wav (real, its one segment unreadable: NaN score), e.wav (real, 1)."""
-    table = pd.DataFrame(dict(
-        original_path=["real/a.wav"] * 3 + ["fake/b.wav"] * 2 + ["fake/c.wav", "real/d.wav", "real/e.wav"],
-        segment_index=[0, 1, 2, 0, 1, 0, 0, 0],
-        label=[0, 0, 0, 1, 1, 1, 0, 0],
-        attack=["-", "-", "-", "A01", "A01", "A02", "-", "-"],
-        score=[2.0, 1.0, 3.0, -1.0, 0.5, -4.0, np.nan, 0.25],
-        duration_s=[20.0] * 3 + [12.0] * 2 + [5.0, 3.0, 4.0],
-    ))
+    table = pd.DataFrame(
+        dict(
+            original_path=["real/a.wav"] * 3
+            + ["fake/b.wav"] * 2
+            + ["fake/c.wav", "real/d.wav", "real/e.wav"],
+            segment_index=[0, 1, 2, 0, 1, 0, 0, 0],
+            label=[0, 0, 0, 1, 1, 1, 0, 0],
+            attack=["-", "-", "-", "A01", "A01", "A02", "-", "-"],
+            score=[2.0, 1.0, 3.0, -1.0, 0.5, -4.0, np.nan, 0.25],
+            duration_s=[20.0] * 3 + [12.0] * 2 + [5.0, 3.0, 4.0],
+        )
+    )
     table["p_fake"] = 1.0 / (1.0 + np.exp(table["score"]))
     return table
 
@@ -421,7 +461,12 @@ def test_pool_file_scores_averages_segment_scores_per_original_file():
     assert files.loc["real/a.wav", "score"] == pytest.approx(2.0)
     assert files.loc["fake/b.wav", "score"] == pytest.approx(-0.25)
     assert files.loc["fake/c.wav", "score"] == pytest.approx(-4.0)
-    assert files["n_segments"].to_dict() == {"fake/b.wav": 2, "fake/c.wav": 1, "real/a.wav": 3, "real/e.wav": 1}
+    assert files["n_segments"].to_dict() == {
+        "fake/b.wav": 2,
+        "fake/c.wav": 1,
+        "real/a.wav": 3,
+        "real/e.wav": 1,
+    }
     assert files.loc["fake/b.wav", "attack"] == "A01" and files.loc["real/a.wav", "label"] == 0
     np.testing.assert_allclose(files["p_fake"], 1 / (1 + np.exp(files["score"])))
 
@@ -434,15 +479,17 @@ def test_metrics_report_has_file_and_segment_levels():
     assert report["file"] == vit_lib.compute_metrics(files["label"], files["p_fake"])
     scored = segments.dropna(subset=["score"])
     assert report["segment"]["eer"] == vit_lib.eer_from_labels(scored["label"], scored["score"])[0]
-    assert report["file"]["eer"] == 0.0   # file means: real 2.0, 0.25; fake -0.25, -4.0
+    assert report["file"]["eer"] == 0.0  # file means: real 2.0, 0.25; fake -0.25, -4.0
 
 
 def test_per_attack_eer_has_a_row_per_attack_and_pooled():
-    files = pd.DataFrame(dict(
-        label=[0, 0, 0, 0, 1, 1, 1, 1, 1],
-        attack=["-", "-", "-", "-", "A01", "A01", "A02", "A02", "A02"],
-        score=[1.0, 2.0, 3.0, 4.0, 0.0, 1.5, 2.5, 3.5, -1.0],
-    ))
+    files = pd.DataFrame(
+        dict(
+            label=[0, 0, 0, 0, 1, 1, 1, 1, 1],
+            attack=["-", "-", "-", "-", "A01", "A01", "A02", "A02", "A02"],
+            score=[1.0, 2.0, 3.0, 4.0, 0.0, 1.5, 2.5, 3.5, -1.0],
+        )
+    )
     table = vit_lib.per_attack_eer(files).set_index("attack")
     assert list(table.index) == ["A01", "A02", "pooled"]
     assert table["spoof_files"].to_dict() == {"A01": 2, "A02": 3, "pooled": 5}
@@ -456,8 +503,14 @@ def test_per_attack_eer_has_a_row_per_attack_and_pooled():
 
 
 def test_score_file_round_trip(tmp_path):
-    files = pd.DataFrame(dict(original_path=["real/LA_0001.flac", "fake/A01/LA_0002.flac", "fake/LA_0003.wav"],
-                              score=[1.23456789, -0.5, 1e-7], attack=["-", "A01", np.nan], label=[0, 1, 1]))
+    files = pd.DataFrame(
+        dict(
+            original_path=["real/LA_0001.flac", "fake/A01/LA_0002.flac", "fake/LA_0003.wav"],
+            score=[1.23456789, -0.5, 1e-7],
+            attack=["-", "A01", np.nan],
+            label=[0, 1, 1],
+        )
+    )
     path = tmp_path / "scores.txt"
     vit_lib.write_score_file(path, files)
     assert path.read_text().splitlines()[1] == "LA_0002 -0.500000 A01 spoof"
@@ -476,11 +529,14 @@ def test_read_score_file_accepts_id_and_score_only(tmp_path):
     assert back["label"].isna().all()
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ("LA_0002 not-a-number A01 spoof", r":2: expected 'FILE_ID SCORE \[ATTACK KEY\]'"),
-    ("LA_0002", r":2: expected 'FILE_ID SCORE"),
-    ("LA_0002 0.5 A01 fake", r":2: key 'fake' is neither 'bonafide' nor 'spoof'"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("LA_0002 not-a-number A01 spoof", r":2: expected 'FILE_ID SCORE \[ATTACK KEY\]'"),
+        ("LA_0002", r":2: expected 'FILE_ID SCORE"),
+        ("LA_0002 0.5 A01 fake", r":2: key 'fake' is neither 'bonafide' nor 'spoof'"),
+    ],
+)
 def test_read_score_file_names_the_malformed_line(tmp_path, bad_line, message):
     path = tmp_path / "scores.txt"
     path.write_text(f"LA_0001 1.0 - bonafide\n{bad_line}\n")
@@ -492,21 +548,40 @@ def test_read_score_file_names_the_malformed_line(tmp_path, bad_line, message):
 # ---------------------------------------------------------------- shortcut audit
 def shortcut_files(rng, n, duration_separates):
     label = np.r_[np.zeros(n, int), np.ones(n, int)]
-    duration = np.where(label == 1, rng.uniform(6, 9, 2 * n), rng.uniform(2, 5, 2 * n)) if duration_separates \
+    duration = (
+        np.where(label == 1, rng.uniform(6, 9, 2 * n), rng.uniform(2, 5, 2 * n))
+        if duration_separates
         else rng.uniform(2, 9, 2 * n)
-    return pd.DataFrame(dict(label=label, duration_s=duration, filled_fraction=rng.uniform(0, 0.5, 2 * n),
-                             leading_silence_s=rng.uniform(0, 0.5, 2 * n), loudness_lufs=rng.normal(-25, 3, 2 * n)))
+    )
+    return pd.DataFrame(
+        dict(
+            label=label,
+            duration_s=duration,
+            filled_fraction=rng.uniform(0, 0.5, 2 * n),
+            leading_silence_s=rng.uniform(0, 0.5, 2 * n),
+            loudness_lufs=rng.normal(-25, 3, 2 * n),
+        )
+    )
 
 
 def test_shortcut_audit_finds_duration_that_separates_classes():
     rng = np.random.default_rng(0)
     table = vit_lib.shortcut_audit(shortcut_files(rng, 60, True), shortcut_files(rng, 40, True))
     eer = table.set_index("feature")["test_eer"]
-    assert list(eer.index) == ["clip duration (s)", "looped/padded share of segments", "leading silence (s)",
-                               "loudness before normalisation (LUFS)", "all trivial features together"]
+    assert list(eer.index) == [
+        "clip duration (s)",
+        "looped/padded share of segments",
+        "leading silence (s)",
+        "loudness before normalisation (LUFS)",
+        "all trivial features together",
+    ]
     assert eer["clip duration (s)"] == pytest.approx(0.0, abs=0.02)
     assert eer["all trivial features together"] < 0.1
-    for feature in ("looped/padded share of segments", "leading silence (s)", "loudness before normalisation (LUFS)"):
+    for feature in (
+        "looped/padded share of segments",
+        "leading silence (s)",
+        "loudness before normalisation (LUFS)",
+    ):
         assert eer[feature] > 0.3
 
 

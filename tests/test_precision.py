@@ -1,6 +1,7 @@
 """Unit tests of the rule that picks the training and scoring precision (bf16 autocast only where the
 hardware has bf16 instructions), and of training and scoring under it. The rule is tested with the CPU
 flags and kernels given, so the tests give the same answer on every machine."""
+
 import contextlib
 import io
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import vit_lib
+from vit_audio import devices
 from vit_lib import TrainingConfig, choose_precision
 
 AVX512_BF16_CPU = dict(flags={"avx2", "avx512f", "avx512_bf16"}, kernels="AVX512")
@@ -76,16 +78,20 @@ def test_only_fp16_scales_the_loss():
 
 
 def test_the_cpu_flags_are_a_set_of_names():
-    flags = vit_lib.cpu_flags()
+    flags = devices.cpu_flags()
     assert isinstance(flags, set) and all(isinstance(flag, str) and " " not in flag for flag in flags)
 
 
 def tiny_model_and_loader():
     generator = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16, generator=generator), torch.tensor([0, 1] * 4))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(8, 1, 16, 16, generator=generator), torch.tensor([0, 1] * 4)
+    )
     loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=vit_lib.custom_collate_fn)
     torch.manual_seed(0)
-    model = vit_lib.AudioViT(config=vit_lib.ViTConfig("tiny", (16, 16), (8, 8), dim=8, depth=1, heads=1, mlp_dim=8))
+    model = vit_lib.AudioViT(
+        config=vit_lib.ViTConfig("tiny", (16, 16), (8, 8), dim=8, depth=1, heads=1, mlp_dim=8)
+    )
     return model, loader
 
 
@@ -95,25 +101,43 @@ def test_bf16_training_keeps_fp32_weights_optimiser_state_and_checkpoints(tmp_pa
     model.mlp_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     with contextlib.redirect_stdout(io.StringIO()):
-        history = vit_lib.train_model(model, loader, loader, optimizer, torch.nn.CrossEntropyLoss(),
-                                      torch.device("cpu"), TrainingConfig(epochs=2, run_name="tiny",
-                                                                          checkpoint_dir=str(tmp_path), progress=False),
-                                      precision=vit_lib.Precision(torch.bfloat16, "test"))
-    assert torch.bfloat16 in seen          # the training forward passes ran in bf16 ...
-    assert seen[-1] == torch.float32        # ... and validation in fp32
+        config = TrainingConfig(epochs=2, run_name="tiny", checkpoint_dir=str(tmp_path), progress=False)
+        history = vit_lib.train_model(
+            model,
+            {"train": loader, "val": loader},
+            config,
+            optimizer=optimizer,
+            precision=vit_lib.Precision(torch.bfloat16, "test"),
+        )
+    assert torch.bfloat16 in seen  # the training forward passes ran in bf16 ...
+    assert seen[-1] == torch.float32  # ... and validation in fp32
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
-    assert all(value.dtype == torch.float32 for state in optimizer.state.values()
-               for value in state.values() if value.is_floating_point() and value.dim())
+    assert all(
+        value.dtype == torch.float32
+        for state in optimizer.state.values()
+        for value in state.values()
+        if value.is_floating_point() and value.dim()
+    )
     best = torch.load(tmp_path / "best_vit_model_tiny.pth", weights_only=True)
-    assert all(value.dtype == torch.float32 for value in best["model_state"].values() if value.is_floating_point())
+    assert all(
+        value.dtype == torch.float32 for value in best["model_state"].values() if value.is_floating_point()
+    )
     assert all(np.isfinite(entry["train_loss"]) for entry in history)
 
 
 def test_run_training_prints_its_precision(prepared, tmp_path, monkeypatch):
     monkeypatch.setenv("VIT_MIXED_PRECISION", "off")
-    config = TrainingConfig(dataset_name="vit_balanced_dataset", epochs=1, batch_size=8, cache_dir=str(prepared.cache),
-                            checkpoint_dir=str(tmp_path), results_dir=str(tmp_path), run_name="precision",
-                            wandb_mode="disabled", progress=False)
+    config = TrainingConfig(
+        dataset_name="vit_balanced_dataset",
+        epochs=1,
+        batch_size=8,
+        cache_dir=str(prepared.cache),
+        checkpoint_dir=str(tmp_path),
+        results_dir=str(tmp_path),
+        run_name="precision",
+        wandb_mode="disabled",
+        progress=False,
+    )
     with contextlib.redirect_stdout(io.StringIO()) as out:
         vit_lib.run_training(config)
     assert "\nPrecision: fp32 (VIT_MIXED_PRECISION=off)\n" in out.getvalue()
@@ -121,14 +145,24 @@ def test_run_training_prints_its_precision(prepared, tmp_path, monkeypatch):
 
 def test_scoring_under_bf16_gives_the_fp32_scores_to_bf16_accuracy(prepared, tmp_path, monkeypatch):
     monkeypatch.setenv("VIT_MIXED_PRECISION", "off")
-    config = TrainingConfig(dataset_name="vit_balanced_dataset", epochs=1, batch_size=8, cache_dir=str(prepared.cache),
-                            checkpoint_dir=str(tmp_path), results_dir=str(tmp_path), run_name="scoring",
-                            wandb_mode="disabled", progress=False)
+    config = TrainingConfig(
+        dataset_name="vit_balanced_dataset",
+        epochs=1,
+        batch_size=8,
+        cache_dir=str(prepared.cache),
+        checkpoint_dir=str(tmp_path),
+        results_dir=str(tmp_path),
+        run_name="scoring",
+        wandb_mode="disabled",
+        progress=False,
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         vit_lib.run_training(config)
     model, checkpoint = vit_lib.load_model(config.checkpoint_path())
     clip = next(path for path in sorted(prepared.corpus.rglob("*.wav")) if "not_audio" not in path.name)
     fp32, _ = vit_lib.score_audio_file(clip, model, checkpoint)
-    bf16, _ = vit_lib.score_audio_file(clip, model, checkpoint, precision=vit_lib.Precision(torch.bfloat16, "test"))
+    bf16, _ = vit_lib.score_audio_file(
+        clip, model, checkpoint, precision=vit_lib.Precision(torch.bfloat16, "test")
+    )
     assert len(fp32) == len(bf16)
     np.testing.assert_allclose(bf16["score"], fp32["score"], atol=0.05 + 0.05 * np.abs(fp32["score"]).max())

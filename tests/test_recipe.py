@@ -1,6 +1,9 @@
 """Unit tests of the settings the detection recipe chooses between: overlapping patches, the
 convolutional patch embedding, pooling, the patch LayerNorm, the front-ends, and how the best epoch
 is selected."""
+
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +23,7 @@ def test_overlapping_patches_are_cut_every_stride_in_row_major_order():
     image = torch.arange(32 * 64, dtype=torch.float32).reshape(1, 1, 32, 64)
     patches = vit_lib.patchify(config)(image)
     assert patches.shape == (1, 14, 256)
-    second_patch = image[0, 0, 0:16, 8:24]          # row 0, column 1: 8 frames to the right
+    second_patch = image[0, 0, 0:16, 8:24]  # row 0, column 1: 8 frames to the right
     assert torch.equal(patches[0, 1], rearrange(second_patch, "p1 p2 -> (p1 p2)"))
 
 
@@ -44,8 +47,10 @@ def test_conv_patch_embedding_gives_one_token_per_patch():
     assert model(torch.randn(3, 1, 32, 64)).shape == (3, 2)
 
 
-@pytest.mark.parametrize("size, low, high", [("ViT_Small", 2.0e6, 3.0e6), ("ViT_Medium", 4.0e6, 6.0e6),
-                                             ("ViT_Large", 10.0e6, 12.0e6)])
+@pytest.mark.parametrize(
+    "size, low, high",
+    [("ViT_Small", 2.0e6, 3.0e6), ("ViT_Medium", 4.0e6, 6.0e6), ("ViT_Large", 10.0e6, 12.0e6)],
+)
 def test_conv_patch_embedding_keeps_each_size_in_its_parameter_range(size, low, high):
     config = vit_lib.make_vit_config(size, (128, 256), patch_embedding="conv")
     assert low <= vit_lib.count_parameters(AudioViT(config=config)) <= high
@@ -78,8 +83,8 @@ def test_switching_off_the_patch_layernorm_removes_its_parameters_only():
 
 def test_vit_config_round_trips_through_its_dict():
     config = small_config(patch_stride=(16, 8), pool="mean", patch_norm=False)
-    rebuilt = ViTConfig(**config.as_dict())
-    assert rebuilt.as_dict() == config.as_dict()
+    rebuilt = ViTConfig(**asdict(config))
+    assert asdict(rebuilt) == asdict(config)
 
 
 def tone(frequency, seconds=1.0, sr=16000):
@@ -88,7 +93,9 @@ def tone(frequency, seconds=1.0, sr=16000):
 
 def test_log_mel_front_end_is_the_log_mel_spectrogram():
     audio = tone(440) + 0.01 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
-    assert np.array_equal(vit_lib.spectrogram_features(audio, DataConfig()), vit_lib.log_mel_spectrogram(audio))
+    assert np.array_equal(
+        vit_lib.spectrogram_features(audio, DataConfig()), vit_lib.log_mel_spectrogram(audio)
+    )
 
 
 def test_linear_front_end_places_a_tone_in_the_band_of_its_frequency():
@@ -101,6 +108,7 @@ def test_linear_front_end_places_a_tone_in_the_band_of_its_frequency():
 
 def test_lfcc_front_end_is_the_dct_of_the_linear_front_end():
     import scipy.fft
+
     audio = tone(300) + tone(2500)
     linear = vit_lib.spectrogram_features(audio, DataConfig(FEATURE="linear"))
     cepstra = vit_lib.spectrogram_features(audio, DataConfig(FEATURE="lfcc"))
@@ -117,6 +125,7 @@ def test_padding_and_masks_fill_silence_in_db_and_the_mean_for_cepstra():
 
 def run_epochs(tmp_path, select_best_by, val_batches):
     """train_model on a stand-in model whose validation outputs are scripted per epoch."""
+
     class Scripted(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -132,10 +141,14 @@ def run_epochs(tmp_path, select_best_by, val_batches):
     loader = torch.utils.data.DataLoader(dataset, batch_size=4)
     model = Scripted()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    config = vit_lib.TrainingConfig(epochs=len(val_batches), run_name="scripted", checkpoint_dir=str(tmp_path),
-                                    progress=False, select_best_by=select_best_by)
-    return vit_lib.train_model(model, loader, loader, optimizer, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
-                               config)
+    config = vit_lib.TrainingConfig(
+        epochs=len(val_batches),
+        run_name="scripted",
+        checkpoint_dir=str(tmp_path),
+        progress=False,
+        select_best_by=select_best_by,
+    )
+    return vit_lib.train_model(model, {"train": loader, "val": loader}, config, optimizer=optimizer)
 
 
 def logits(fake_minus_real):

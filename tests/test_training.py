@@ -1,6 +1,7 @@
 """Unit tests of training, resuming, DDP under torchrun, inference and tracking, on a
 tiny fixture corpus prepared once per module. Everything runs on CPU with wandb disabled except the
 wandb tests, which check that wandb never prompts and goes offline without a key."""
+
 import contextlib
 import io
 import os
@@ -9,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,25 +18,48 @@ import pytest
 import soundfile as sf
 import torch
 
+import vit_cli as cli
 import vit_lib
+from vit_audio import tracking
 from vit_lib import TrainingConfig
 
 DATASET = "vit_balanced_dataset"
-EPOCH_LINE = re.compile(r"^Epoch \d+ Train Loss: \d\.\d{4}, Val Loss: \d\.\d{4}, Val Acc: \d\.\d{4}, "
-                        r"Val F1: \d\.\d{4}, Val ROC AUC: \d\.\d{4}")
-TEST_LINE = re.compile(r"^Test Loss: \d\.\d{4}, Test Accuracy: \d\.\d{4}, Test F1-score: \d\.\d{4}, "
-                       r"Test ROC AUC: \d\.\d{4}$")
+EPOCH_LINE = re.compile(
+    r"^Epoch \d+ Train Loss: \d\.\d{4}, Val Loss: \d\.\d{4}, Val Acc: \d\.\d{4}, "
+    r"Val F1: \d\.\d{4}, Val ROC AUC: \d\.\d{4}"
+)
+TEST_LINE = re.compile(
+    r"^Test Loss: \d\.\d{4}, Test Accuracy: \d\.\d{4}, Test F1-score: \d\.\d{4}, "
+    r"Test ROC AUC: \d\.\d{4}$"
+)
 # The original recipe (Adam, lr 1e-4, seed 42) at batch 8 for 3 epochs. The epoch loss on so few
 # segments is noisy (augmentation, dropout), but it is deterministic: 0.648, 0.754, 0.793 on the
 # fixture when written (its fakes are meant to be hard: 3 epochs on ten segments learn nothing).
-RECIPE = dict(model_size="ViT_Small", dataset_name=DATASET, epochs=3, batch_size=8, learning_rate=1e-4,
-              num_workers=0, seed=42, wandb_mode="disabled", progress=False)
+RECIPE = dict(
+    model_size="ViT_Small",
+    dataset_name=DATASET,
+    epochs=3,
+    batch_size=8,
+    learning_rate=1e-4,
+    num_workers=0,
+    seed=42,
+    wandb_mode="disabled",
+    progress=False,
+)
 
 
 def train(prepared, tmp, **overrides):
     """run_training into `tmp`; returns (metrics, what it printed)."""
-    config = TrainingConfig.original(**{**RECIPE, "cache_dir": str(prepared.cache), "checkpoint_dir": str(tmp / "checkpoints"),
-                                        "results_dir": str(tmp / "results"), "run_name": "fixture", **overrides})
+    config = TrainingConfig.original(
+        **{
+            **RECIPE,
+            "cache_dir": str(prepared.cache),
+            "checkpoint_dir": str(tmp / "checkpoints"),
+            "results_dir": str(tmp / "results"),
+            "run_name": "fixture",
+            **overrides,
+        }
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         metrics = vit_lib.run_training(config)
@@ -47,8 +71,13 @@ def baseline(prepared, tmp_path_factory):
     """One uninterrupted run of RECIPE, shared by the training, resume and inference tests."""
     tmp = tmp_path_factory.mktemp("baseline")
     metrics, printed = train(prepared, tmp)
-    return SimpleNamespace(tmp=tmp, metrics=metrics, printed=printed, run_name="fixture",
-                           best=tmp / "checkpoints" / "best_vit_model_fixture.pth")
+    return SimpleNamespace(
+        tmp=tmp,
+        metrics=metrics,
+        printed=printed,
+        run_name="fixture",
+        best=tmp / "checkpoints" / "best_vit_model_fixture.pth",
+    )
 
 
 def losses(history, key="train_loss"):
@@ -65,12 +94,23 @@ def learnable(tmp_path_factory):
     t = np.arange(3 * vit_lib.DataConfig.SR) / vit_lib.DataConfig.SR
     for speaker in range(4):
         for clip in range(2):
-            write_wav(root / "corpus" / "real" / f"spk{speaker}_real_{clip}.wav", 0.1 * rng.standard_normal(len(t)))
-            write_wav(root / "corpus" / "fake" / f"spk{speaker}_fake_{clip}.wav",
-                      0.1 * np.sin(2 * np.pi * rng.uniform(200, 800) * t))
+            write_wav(
+                root / "corpus" / "real" / f"spk{speaker}_real_{clip}.wav", 0.1 * rng.standard_normal(len(t))
+            )
+            write_wav(
+                root / "corpus" / "fake" / f"spk{speaker}_fake_{clip}.wav",
+                0.1 * np.sin(2 * np.pi * rng.uniform(200, 800) * t),
+            )
     with contextlib.redirect_stdout(io.StringIO()):
-        vit_lib.prepare_dataset(root / "corpus", DATASET, cache_dir=root / "cache", num_workers=1, progress=False,
-                                speaker_pattern=r"^(spk\d)_", split_fractions=(0.5, 0.25, 0.25))
+        vit_lib.prepare_dataset(
+            root / "corpus",
+            DATASET,
+            cache_dir=root / "cache",
+            num_workers=1,
+            progress=False,
+            speaker_pattern=r"^(spk\d)_",
+            split_fractions=(0.5, 0.25, 0.25),
+        )
     return SimpleNamespace(cache=root / "cache")
 
 
@@ -97,11 +137,15 @@ def test_training_prints_epoch_and_test_lines_in_the_original_format(prepared, b
         assert f"Val F1: {entry['val_f1']:.4f}" in line
     assert f"Test Loss: {baseline.metrics['test_loss']:.4f}" in test_lines[0]
     assert f"Test F1-score: {baseline.metrics['test_f1']:.4f}" in test_lines[0]
-    assert f"Trainable parameters: {vit_lib.count_parameters(vit_lib.AudioViT(config=vit_lib.ViT_Small)):,}" \
+    assert (
+        f"Trainable parameters: {vit_lib.count_parameters(vit_lib.AudioViT(config=vit_lib.ViT_Small)):,}"
         in baseline.printed
+    )
     sizes = prepared.summary["segments_per_split"]
-    assert f"Dataset sizes (segments): train {sizes['train']}, val {sizes['val']}, test {sizes['test']}" \
+    assert (
+        f"Dataset sizes (segments): train {sizes['train']}, val {sizes['val']}, test {sizes['test']}"
         in baseline.printed
+    )
     assert "Device: cpu" in baseline.printed
 
 
@@ -109,15 +153,15 @@ def test_best_checkpoint_holds_model_config_epoch_and_metrics(baseline):
     assert baseline.best.is_file()
     checkpoint = torch.load(baseline.best, map_location="cpu", weights_only=True)
     assert {"model_state", "vit_config", "model_config", "epoch", "metrics"} <= set(checkpoint)
-    assert checkpoint["vit_config"] == vit_lib.ViT_Small.as_dict()
-    assert checkpoint["model_config"] == vit_lib.ALL_MODEL_CONFIGS[DATASET].as_dict()
+    assert checkpoint["vit_config"] == asdict(vit_lib.ViT_Small)
+    assert checkpoint["model_config"] == asdict(vit_lib.SEGMENT_CONFIGS[DATASET])
     history = baseline.metrics["history"]
     best_f1 = max(entry["val_f1"] for entry in history)
     best_epoch = next(entry["epoch"] for entry in history if entry["val_f1"] == best_f1)  # first best
     assert checkpoint["epoch"] == best_epoch == baseline.metrics["best_epoch"]
     assert checkpoint["metrics"] == history[best_epoch - 1]
     model = vit_lib.AudioViT(config=vit_lib.ViT_Small)
-    model.load_state_dict(checkpoint["model_state"])   # strict: every weight present
+    model.load_state_dict(checkpoint["model_state"])  # strict: every weight present
     last = torch.load(baseline.tmp / "checkpoints" / "last_vit_model_fixture.pth", weights_only=True)
     assert last["epoch"] == RECIPE["epochs"] and "optimizer_state" in last
 
@@ -156,9 +200,18 @@ def test_resumed_run_matches_uninterrupted_run(prepared, baseline, tmp_path):
 
 
 def test_recipe_options_run_adamw_warmup_cosine_weighted_loss_clipping_early_stopping(prepared, tmp_path):
-    metrics, printed = train(prepared, tmp_path, epochs=1, optimizer="adamw", weight_decay=0.05,
-                             lr_schedule="warmup_cosine", warmup_epochs=0.5, class_balance="weighted_loss",
-                             grad_clip_norm=1.0, early_stopping_patience=1)
+    metrics, printed = train(
+        prepared,
+        tmp_path,
+        epochs=1,
+        optimizer="adamw",
+        weight_decay=0.05,
+        lr_schedule="warmup_cosine",
+        warmup_epochs=0.5,
+        class_balance="weighted_loss",
+        grad_clip_norm=1.0,
+        early_stopping_patience=1,
+    )
     assert len(metrics["history"]) == 1 and np.isfinite(metrics["history"][0]["train_loss"])
     assert "optimizer adamw, schedule warmup_cosine, class balance weighted_loss" in printed
     # warm-up over half the epoch's steps, then cosine decay to 0 at the end of the (only) epoch
@@ -169,7 +222,7 @@ def test_recipe_option_balanced_sampler_runs_and_resume_without_checkpoint_start
     metrics, printed = train(prepared, tmp_path, epochs=1, class_balance="balanced_sampler", resume=True)
     assert len(metrics["history"]) == 1 and np.isfinite(metrics["history"][0]["train_loss"])
     assert "class balance balanced_sampler" in printed
-    assert "Resuming" not in printed   # nothing to resume from in a fresh checkpoint folder
+    assert "Resuming" not in printed  # nothing to resume from in a fresh checkpoint folder
 
 
 @pytest.mark.parametrize("speed_up", [True, False])
@@ -188,15 +241,19 @@ def test_warmup_cosine_schedule_rises_linearly_then_decays_to_zero():
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    np.testing.assert_allclose(rates, [0.5, 1.0, 1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5,
-                                       0.5 * (1 + np.cos(3 * np.pi / 4)), 0.0], atol=1e-12)
+    np.testing.assert_allclose(
+        rates,
+        [0.5, 1.0, 1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4)), 0.0],
+        atol=1e-12,
+    )
 
 
 def tiny_loaders():
     """Random 16x16 'spectrograms', both classes in each split, for a 1-layer ViT."""
     generator = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16, generator=generator),
-                                          torch.tensor([0, 1] * 4))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(8, 1, 16, 16, generator=generator), torch.tensor([0, 1] * 4)
+    )
     loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=vit_lib.custom_collate_fn)
     config = vit_lib.ViTConfig("tiny", (16, 16), (8, 8), dim=8, depth=1, heads=1, mlp_dim=8)
     return loader, config
@@ -206,13 +263,17 @@ def test_early_stopping_stops_after_patience_epochs_without_val_f1_gain(tmp_path
     loader, config = tiny_loaders()
     torch.manual_seed(0)
     model = vit_lib.AudioViT(config=config)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)   # weights never change: val F1 never improves
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights never change: val F1 never improves
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        history = vit_lib.train_model(model, loader, loader, optimizer, torch.nn.CrossEntropyLoss(),
-                                      torch.device("cpu"), TrainingConfig.original(
-                                          epochs=10, run_name="tiny", checkpoint_dir=str(tmp_path),
-                                          early_stopping_patience=2, progress=False))
-    assert [entry["epoch"] for entry in history] == [1, 2, 3]   # best at 1, then 2 stale epochs
+        config = TrainingConfig.original(
+            epochs=10,
+            run_name="tiny",
+            checkpoint_dir=str(tmp_path),
+            early_stopping_patience=2,
+            progress=False,
+        )
+        history = vit_lib.train_model(model, {"train": loader, "val": loader}, config, optimizer=optimizer)
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]  # best at 1, then 2 stale epochs
     assert len(re.findall(r"^Epoch \d", out.getvalue(), re.M)) == 3
     assert torch.load(tmp_path / "best_vit_model_tiny.pth", weights_only=True)["epoch"] == 1
     assert torch.load(tmp_path / "last_vit_model_tiny.pth", weights_only=True)["stale_epochs"] == 2
@@ -227,28 +288,32 @@ def tiny_training(tmp_path, epochs, state=None, **overrides):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     if state is not None:
         model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
     steps = []
-    optimizer.register_step_post_hook(lambda *_: steps.append(
-        {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    optimizer.register_step_post_hook(
+        lambda *_: steps.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    )
     with contextlib.redirect_stdout(io.StringIO()):
-        history = vit_lib.train_model(model, loader, loader, optimizer, torch.nn.CrossEntropyLoss(),
-                                      torch.device("cpu"), TrainingConfig(
-                                          epochs=epochs, run_name="tiny", checkpoint_dir=str(tmp_path),
-                                          progress=False, **overrides), state=state)
+        config = TrainingConfig(
+            epochs=epochs, run_name="tiny", checkpoint_dir=str(tmp_path), progress=False, **overrides
+        )
+        history = vit_lib.train_model(
+            model, {"train": loader, "val": loader}, config, optimizer=optimizer, resume=state
+        )
     return history, steps
 
 
 def test_moving_average_of_the_weights_is_what_is_validated_and_kept_as_best(tmp_path):
     decay = 0.6
     _, steps = tiny_training(tmp_path, epochs=1, ema_decay=decay)
-    assert len(steps) == 2                                    # 8 items in batches of 4
+    assert len(steps) == 2  # 8 items in batches of 4
     best = torch.load(tmp_path / "best_vit_model_tiny.pth", weights_only=True)
     last = torch.load(tmp_path / "last_vit_model_tiny.pth", weights_only=True)
     for name, value in best["model_state"].items():
         # the first step's weights start the average; each later step moves it (1 - decay) of the way
         np.testing.assert_allclose(value, decay * steps[0][name] + (1 - decay) * steps[1][name], atol=1e-6)
-        torch.testing.assert_close(last["model_state"][name], steps[1][name])   # resuming needs the raw weights
+        torch.testing.assert_close(
+            last["model_state"][name], steps[1][name]
+        )  # resuming needs the raw weights
         torch.testing.assert_close(last["ema_state"][f"module.{name}"], value)
     assert not torch.equal(best["model_state"]["cls_token"], last["model_state"]["cls_token"])
 
@@ -275,16 +340,41 @@ def test_moving_average_decay_must_lie_between_0_and_1():
 
 # ---------------------------------------------------------------- DDP under torchrun
 def test_ddp_two_processes_train_one_epoch_and_print_once(prepared, tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", VIT_PROGRESS="0", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(vit_lib.__file__)), "train", "--cache-dir", str(prepared.cache),
-               "--checkpoint-dir", str(tmp_path / "checkpoints"), "--results-dir", str(tmp_path / "results"),
-               "--epochs", "1", "--batch-size", "8", "--wandb-mode", "disabled", "--dataset-name", DATASET,
-               "--class-balance", "weighted_loss"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-                            stdin=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "vit_cli",
+        "train",
+        "--cache-dir",
+        str(prepared.cache),
+        "--checkpoint-dir",
+        str(tmp_path / "checkpoints"),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--wandb-mode",
+        "disabled",
+        "--dataset",
+        DATASET,
+        "--class-balance",
+        "weighted_loss",
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     epoch_lines = [line for line in lines if line.startswith("Epoch ")]
@@ -294,14 +384,18 @@ def test_ddp_two_processes_train_one_epoch_and_print_once(prepared, tmp_path):
     assert len(test_lines) == 1 and TEST_LINE.match(test_lines[0]), result.stdout
     assert "Device: cpu x 2 processes" in result.stdout
     sizes = prepared.summary["segments_per_split"]
-    assert f"Dataset sizes (segments): train {sizes['train']}, val {sizes['val']}, test {sizes['test']}" \
+    assert (
+        f"Dataset sizes (segments): train {sizes['train']}, val {sizes['val']}, test {sizes['test']}"
         in result.stdout
-    values = dict(re.findall(r"(Train Loss|Val Loss|Val Acc|Val F1|Val ROC AUC): (\d\.\d{4})", epoch_lines[0]))
+    )
+    values = dict(
+        re.findall(r"(Train Loss|Val Loss|Val Acc|Val F1|Val ROC AUC): (\d\.\d{4})", epoch_lines[0])
+    )
     assert len(values) == 5 and all(0 <= float(v) <= 5 for v in values.values())
     run_name = TrainingConfig(dataset_name=DATASET).run_name
     checkpoint = torch.load(tmp_path / "checkpoints" / f"best_vit_model_{run_name}.pth", weights_only=True)
     assert checkpoint["epoch"] == 1
-    assert all(not key.startswith("module.") for key in checkpoint["model_state"])   # unwrapped from DDP
+    assert all(not key.startswith("module.") for key in checkpoint["model_state"])  # unwrapped from DDP
     assert (tmp_path / "results" / f"confusion_matrix_{run_name}.png").is_file()
 
 
@@ -320,7 +414,7 @@ def write_wav(path, audio, sr=vit_lib.DataConfig.SR):
 
 def test_load_model_rebuilds_the_trained_model_in_eval_mode(trained):
     assert not trained.model.training
-    assert trained.model.config.as_dict() == vit_lib.ViT_Small.as_dict()
+    assert asdict(trained.model.config) == asdict(vit_lib.ViT_Small)
     assert trained.checkpoint["epoch"] >= 1
 
 
@@ -328,8 +422,11 @@ def test_score_audio_file_gives_timeline_and_verdict(prepared, trained):
     clip = prepared.corpus / "real" / "spk01_real_0.wav"
     timeline, verdict = vit_lib.score_audio_file(clip, trained.model, trained.checkpoint)
     duration = sf.info(clip).duration
-    expected_segments = 1 if duration < 8 else len(range(0, int((duration - 8) // 4) + 1)) + \
-        (1 if (duration - 8) % 4 > 1e-3 else 0)
+    expected_segments = (
+        1
+        if duration < 8
+        else len(range(0, int((duration - 8) // 4) + 1)) + (1 if (duration - 8) % 4 > 1e-3 else 0)
+    )
     assert len(timeline) == verdict["segments"] == expected_segments
     assert {"start_s", "end_s", "p_fake", "score"} <= set(timeline.columns)
     assert timeline["p_fake"].between(0, 1).all()
@@ -343,11 +440,13 @@ def test_score_audio_file_gives_timeline_and_verdict(prepared, trained):
 @pytest.mark.parametrize("seconds, starts", [(60, list(range(0, 53, 4))), (62, list(range(0, 53, 4)) + [54])])
 def test_long_file_is_scored_in_8s_windows_with_half_overlap(prepared, trained, tmp_path, seconds, starts):
     sr = vit_lib.DataConfig.SR
-    clips = [vit_lib.load_audio(path) for path in sorted((prepared.corpus / "real").glob("spk0[1-3]_*.wav"))]
+    clips = [
+        vit_lib.load_audio(path, 16000) for path in sorted((prepared.corpus / "real").glob("spk0[1-3]_*.wav"))
+    ]
     audio = np.resize(np.concatenate(clips), seconds * sr)
     path = write_wav(tmp_path / f"long_{seconds}.wav", 0.5 * audio / np.abs(audio).max())
     timeline, verdict = vit_lib.score_audio_file(path, trained.model, trained.checkpoint)
-    assert len(timeline) == verdict["segments"] == len(starts)   # 60 s: (60 - 8) / 4 + 1 = 14
+    assert len(timeline) == verdict["segments"] == len(starts)  # 60 s: (60 - 8) / 4 + 1 = 14
     np.testing.assert_allclose(timeline["start_s"], starts)
     np.testing.assert_allclose(timeline["end_s"], np.array(starts) + 8.0)
     assert timeline["end_s"].iloc[-1] == pytest.approx(seconds)
@@ -365,21 +464,29 @@ def test_undecodable_and_too_short_files_raise_audio_error(trained, tmp_path):
 
 
 def test_score_audio_file_rejects_model_config_of_other_width(trained, prepared):
-    other_width = {**trained.checkpoint, "model_config": vit_lib.ALL_MODEL_CONFIGS["vit_performance_dataset"].as_dict()}
+    other_width = {
+        **trained.checkpoint,
+        "model_config": asdict(vit_lib.SEGMENT_CONFIGS["vit_performance_dataset"]),
+    }
     with pytest.raises(ValueError, match="model expects 256 frames"):
         vit_lib.score_audio_file(prepared.corpus / "real" / "spk01_real_0.wav", trained.model, other_width)
 
 
 def test_check_checkpoint_compatible_names_the_mismatch(trained):
-    vit_lib.check_checkpoint_compatible(trained.checkpoint, vit_lib.ViT_Small)   # the same: no error
+    vit_lib.check_checkpoint_compatible(trained.checkpoint, vit_lib.ViT_Small)  # the same: no error
     with pytest.raises(ValueError, match=r"dim: checkpoint 192 vs expected 384") as error:
         vit_lib.check_checkpoint_compatible(trained.checkpoint, vit_lib.ViT_Large, "best.pth")
     message = str(error.value)
     assert message.startswith("best.pth does not match the model")
-    assert "heads: checkpoint 3 vs expected 6" in message and "mlp_dim: checkpoint 768 vs expected 1536" in message
-    assert "depth" not in message   # both have 6 layers: only what differs is named
+    assert (
+        "heads: checkpoint 3 vs expected 6" in message
+        and "mlp_dim: checkpoint 768 vs expected 1536" in message
+    )
+    assert "depth" not in message  # both have 6 layers: only what differs is named
     with pytest.raises(ValueError, match=r"image_size: checkpoint \[128, 256\] vs expected \[128, 320\]"):
-        vit_lib.check_checkpoint_compatible(trained.checkpoint, vit_lib.make_vit_config("ViT_Small", (128, 320)))
+        vit_lib.check_checkpoint_compatible(
+            trained.checkpoint, vit_lib.make_vit_config("ViT_Small", (128, 320))
+        )
 
 
 def test_load_checkpoint_of_garbage_file_raises_value_error_naming_path(tmp_path):
@@ -400,9 +507,9 @@ def test_score_cli_writes_one_line_per_decodable_file_and_lists_the_rest(prepare
         shutil.copy(prepared.corpus / "real" / name, folder / name)
     shutil.copy(prepared.corpus / "fake" / "noisy_excitation" / "spk01_fake_0.wav", folder / "sub_fake.wav")
     (folder / "broken.wav").write_bytes(b"not audio at all")
-    write_wav(folder / "tiny.wav", np.zeros(400))                      # 0.025 s
+    write_wav(folder / "tiny.wav", np.zeros(400))  # 0.025 s
     output = tmp_path / "scores.txt"
-    vit_lib.main(["score", str(trained.path), str(folder), "--output", str(output)])
+    cli.main(["score", str(trained.path), str(folder), "--output", str(output)])
     lines = output.read_text().splitlines()
     assert sorted(line.split()[0] for line in lines) == ["spk01_real_0", "spk02_real_1", "sub_fake"]
     for line in lines:
@@ -427,11 +534,11 @@ def no_wandb_key(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(vit_lib, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(tracking, "REPO_ROOT", tmp_path)
     closed = io.StringIO()
     closed.close()
     monkeypatch.setattr(sys, "stdin", closed)
-    assert vit_lib.wandb_api_key() is None
+    assert tracking.wandb_api_key() is None
     return tmp_path
 
 
@@ -466,4 +573,4 @@ def test_wandb_mode_disabled_from_environment_gives_disabled_run(no_wandb_key, m
 
 def test_wandb_key_file_is_found_in_working_folder(no_wandb_key):
     (no_wandb_key / "wandb_api_key.txt").write_text("  0123456789abcdef  \n")
-    assert vit_lib.wandb_api_key() == "0123456789abcdef"
+    assert tracking.wandb_api_key() == "0123456789abcdef"

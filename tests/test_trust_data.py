@@ -4,6 +4,7 @@ paths outside the corpus root, and splits that lack a class.
 
 The corpora are the small generated ones of test_data.py, changed here in the ways users change them.
 """
+
 import json
 import os
 import re
@@ -12,11 +13,23 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_data import (
+    DATASET,
+    assert_same_dataset,
+    assert_valid_prepared,
+    clip,
+    cut_in_half,
+    make_asvspoof_corpus,
+    make_folder_corpus,
+    make_in_the_wild_corpus,
+    prepare,
+    read_prepared,
+)
 
 import vit_lib
-from test_data import (DATASET, assert_same_dataset, assert_valid_prepared, clip, cut_in_half, make_asvspoof_corpus,
-                       make_folder_corpus, make_in_the_wild_corpus, prepare, read_prepared)
-from vit_lib import SPLITS, AudioDataset, SplitLeakError
+from vit_audio import preparation, storage
+from vit_audio.corpora import SplitLeakError
+from vit_lib import SPLITS, AudioDataset
 
 
 def skip_reasons(dataset_dir):
@@ -86,19 +99,24 @@ def test_a_real_file_linked_into_fake_is_a_label_conflict(tmp_path):
 
 # ---------------------------------------------------------------- 3. file ids
 def test_file_ids_of_long_names_sharing_40_characters_carry_64_bits_of_the_path_digest():
-    stems = ["speaker_with_a_rather_long_recording_name_take_1", "speaker_with_a_rather_long_recording_name_take_2"]
-    ids = [vit_lib._file_id(f"real/{stem}.wav") for stem in stems]
+    stems = [
+        "speaker_with_a_rather_long_recording_name_take_1",
+        "speaker_with_a_rather_long_recording_name_take_2",
+    ]
+    ids = [preparation.make_file_id(f"real/{stem}.wav") for stem in stems]
     assert ids[0] != ids[1]
     for stem, file_id in zip(stems, ids):
         assert re.fullmatch(re.escape(stem[:40]) + r"_[0-9a-f]{16,}", file_id), file_id
-    assert vit_lib._file_id("real/a.wav") != vit_lib._file_id("fake/a.wav")
+    assert preparation.make_file_id("real/a.wav") != preparation.make_file_id("fake/a.wav")
 
 
 def test_two_files_with_the_same_id_stop_preparation_naming_both(tmp_path, monkeypatch):
     root = make_folder_corpus(tmp_path / "corpus")
-    real_file_id = vit_lib._file_id
+    real_file_id = preparation.make_file_id
     clashing = ("real/utt_000.wav", "real/utt_002.wav")
-    monkeypatch.setattr(vit_lib, "_file_id", lambda path: "clash" if path in clashing else real_file_id(path))
+    monkeypatch.setattr(
+        preparation, "make_file_id", lambda path: "clash" if path in clashing else real_file_id(path)
+    )
     with pytest.raises(ValueError, match=r"real/utt_000\.wav.*real/utt_002\.wav"):
         prepare(root, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
@@ -111,7 +129,7 @@ def test_writing_through_a_link_replaces_the_file_it_points_to_and_keeps_the_lin
     target.write_text("old\n")
     link = tmp_path / "scores.csv"
     link.symlink_to(target)
-    vit_lib.save_csv_atomic(link, pd.DataFrame(dict(a=[1, 2])))
+    storage.save_csv_atomic(link, pd.DataFrame(dict(a=[1, 2])))
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert target.read_text() == "a\n1\n2\n"
     assert not list(tmp_path.rglob("*.tmp"))
@@ -133,9 +151,11 @@ def test_writing_to_a_named_pipe_streams_into_it(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_writing_to_dev_stdout_redirected_to_a_file_writes_into_that_file(tmp_path):
     redirected = tmp_path / "scores.txt"
-    with open(redirected, "w") as stdout:      # what `> scores.txt` hands a program as its stdout
+    with open(redirected, "w") as stdout:  # what `> scores.txt` hands a program as its stdout
         vit_lib.save_json_atomic(f"/proc/self/fd/{stdout.fileno()}", dict(eer=0.25))
-        assert os.fstat(stdout.fileno()).st_ino == redirected.stat().st_ino, "the redirect target was replaced"
+        assert os.fstat(stdout.fileno()).st_ino == redirected.stat().st_ino, (
+            "the redirect target was replaced"
+        )
     assert json.loads(redirected.read_text()) == dict(eer=0.25)
 
 
@@ -146,7 +166,7 @@ def test_written_files_get_the_mode_the_umask_allows(tmp_path, umask, mode):
         vit_lib.save_json_atomic(tmp_path / "new.json", {})
         existing = tmp_path / "existing.npy"
         existing.write_bytes(b"")
-        vit_lib.save_npy_atomic(existing, [1.0])
+        storage.save_npy_atomic(existing, [1.0])
     finally:
         os.umask(previous)
     for path in (tmp_path / "new.json", existing):
@@ -158,7 +178,7 @@ def test_added_files_are_prepared_and_files_moved_to_another_split_follow_it(tmp
     root = make_folder_corpus(tmp_path / "corpus", n_speakers=12)
     speakers = pd.read_csv(root / "speakers.csv")
     later = speakers[speakers["speaker"] >= "speaker_08"]
-    for name in later["file"]:             # moved aside and back: their timestamps stay as they were
+    for name in later["file"]:  # moved aside and back: their timestamps stay as they were
         (tmp_path / "aside" / name).parent.mkdir(parents=True, exist_ok=True)
         os.rename(root / name, tmp_path / "aside" / name)
     speakers.drop(later.index).to_csv(root / "speakers.csv", index=False)
@@ -173,7 +193,7 @@ def test_added_files_are_prepared_and_files_moved_to_another_split_follow_it(tmp
     after = read_prepared(tmp_path / "cache" / DATASET).set_index("original_path")["split"]
     moved = [path for path in before.index if before[path] != after[path]]
     assert moved, "four more speakers should move some prepared files to another split"
-    redo = [vit_lib._file_id(path) for path in list(later["file"]) + moved]
+    redo = [preparation.make_file_id(path) for path in list(later["file"]) + moved]
     assert sorted(calls) == sorted(redo), "exactly the new and the moved files are prepared again"
     for split in SPLITS:
         AudioDataset(tmp_path / "cache" / DATASET, split)
@@ -201,7 +221,7 @@ def test_a_repaired_file_is_prepared_again_and_no_longer_listed_as_skipped(tmp_p
     clip(broken, seed=5)
     calls = spy_on_prepared_files(monkeypatch)
     summary, _, _ = prepare(root, tmp_path / "cache")
-    assert calls == [vit_lib._file_id("fake/A01/spk03_repaired.wav")]
+    assert calls == [preparation.make_file_id("fake/A01/spk03_repaired.wav")]
     assert summary["skipped_files"] == 0
     assert "fake/A01/spk03_repaired.wav" in set(read_prepared(tmp_path / "cache" / DATASET)["original_path"])
 
@@ -211,7 +231,7 @@ def test_a_removed_file_leaves_no_array_behind(tmp_path):
     prepare(root, tmp_path / "cache")
     (root / "fake" / "spk00_extra.wav").unlink()
     prepare(root, tmp_path / "cache")
-    stale = vit_lib._file_id("fake/spk00_extra.wav")
+    stale = preparation.make_file_id("fake/spk00_extra.wav")
     assert not list((tmp_path / "cache" / DATASET).glob(f"*/{stale}_*.npy"))
     prepare(root, tmp_path / "fresh")
     assert_same_dataset(tmp_path / "fresh" / DATASET, tmp_path / "cache" / DATASET)
@@ -223,7 +243,7 @@ def test_links_inside_the_root_are_followed_and_links_leading_outside_are_listed
     clip(root / "more_real" / "spk01_linked_folder.wav", seed=7)
     (root / "real" / "more").symlink_to("../more_real")
     (root / "real" / "loop").symlink_to(".")
-    (root / "fake" / "up").symlink_to("..")          # a loop through the root: real/ must not appear under fake/
+    (root / "fake" / "up").symlink_to("..")  # a loop through the root: real/ must not appear under fake/
     elsewhere = tmp_path / "elsewhere"
     clip(elsewhere / "spk02_outside.wav", seed=8)
     clip(elsewhere / "folder" / "spk02_outside_folder.wav", seed=9)
@@ -247,8 +267,14 @@ def test_meta_csv_paths_leaving_the_root_are_listed_not_a_crash(tmp_path):
     outside = clip(tmp_path / "outside.wav", seed=3)
     inside_absolute = clip(root / "absolute_inside.wav", seed=4)
     meta = pd.read_csv(root / "meta.csv")
-    extra = pd.DataFrame([("../outside.wav", "Famous Person 0", "spoof"), (str(outside), "Famous Person 0", "spoof"),
-                          (str(inside_absolute), "Famous Person 1", "spoof")], columns=meta.columns)
+    extra = pd.DataFrame(
+        [
+            ("../outside.wav", "Famous Person 0", "spoof"),
+            (str(outside), "Famous Person 0", "spoof"),
+            (str(inside_absolute), "Famous Person 1", "spoof"),
+        ],
+        columns=meta.columns,
+    )
     pd.concat([meta, extra]).to_csv(root / "meta.csv", index=False)
     summary, _, skipped = prepare(root, tmp_path / "cache", "in_the_wild")
     outside_rows = skipped[skipped["reason"].str.contains("outside the corpus root")]
@@ -269,8 +295,10 @@ def test_protocol_file_names_leaving_the_root_are_listed_not_a_crash(tmp_path):
 
 # ---------------------------------------------------------------- 10. split sanity
 def test_a_dev_protocol_without_a_usable_line_stops_preparation_naming_the_val_split(tmp_path):
-    root = make_asvspoof_corpus(tmp_path / "LA")   # an empty one is an error naming it (test_reliability.py)
-    (root / "ASVspoof2019_LA_cm_protocols" / "ASVspoof2019.LA.cm.dev.trl.txt").write_text("not a protocol line\n")
+    root = make_asvspoof_corpus(tmp_path / "LA")  # an empty one is an error naming it (test_reliability.py)
+    (root / "ASVspoof2019_LA_cm_protocols" / "ASVspoof2019.LA.cm.dev.trl.txt").write_text(
+        "not a protocol line\n"
+    )
     with pytest.raises(ValueError, match=r"'val' has no files"):
         prepare(root, tmp_path / "cache", "asvspoof2019_la")
     assert not (tmp_path / "cache").exists()
@@ -279,7 +307,7 @@ def test_a_dev_protocol_without_a_usable_line_stops_preparation_naming_the_val_s
 def test_too_few_speakers_for_three_splits_stops_preparation_naming_the_split(tmp_path):
     root = make_in_the_wild_corpus(tmp_path / "itw", n_speakers=2)
     files, _ = vit_lib.read_corpus("in_the_wild", root)
-    empty = [s for s in SPLITS if s not in set(vit_lib.assign_splits(files)["split"])]
+    empty = [s for s in SPLITS if s not in set(vit_lib.assign_splits(files, seed=42)["split"])]
     assert empty, "two speakers cannot fill three speaker-disjoint splits"
     with pytest.raises(ValueError, match=f"'{empty[0]}' has no files.*2 speakers"):
         prepare(root, tmp_path / "cache", "in_the_wild")

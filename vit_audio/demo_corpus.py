@@ -16,8 +16,9 @@ packages' copyright files) and checksums.sha256. Deterministic: a rebuild gives 
 Resumable: finished files are kept. Packages are fetched with `apt-get download` into a cache folder,
 checked against the SHA256 in apt's package lists and unpacked there; nothing is installed.
 
-    python demo_corpus.py --out data/demo_corpus
+    python -m vit_audio.demo_corpus --out data/demo_corpus
 """
+
 import argparse
 import contextlib
 import dataclasses
@@ -42,39 +43,63 @@ import scipy.signal
 import soundfile as sf
 import soxr
 
-from vit_lib import (SPLITS, AudioError, assign_splits, atomic_write, check_split_leaks, loudness_normalize,
-                     read_corpus, save_csv_atomic)
+from vit_audio.audio_io import AudioError, loudness_normalize
+from vit_audio.corpora import SPLITS, assign_splits, check_split_leaks, read_corpus
+from vit_audio.storage import atomic_write, save_csv_atomic
 
 SR = 16000
 G722_BITRATE = 64000
 SOUND_LANGUAGES = ("en", "es", "fr", "it", "ru")
 # espeak-ng voices per sound-package language; each voice+variant is one fake speaker.
-ESPEAK_VOICES = {"en": ("en-us+m3", "en-gb+f2", "en-us+f4"),
-                 "es": ("es-419+m3", "es+f2", "es-419+f4"),
-                 "fr": ("fr-fr+m3", "fr-be+f2", "fr-fr+f4"),
-                 "it": ("it+m3", "it+f2", "it+f4"),
-                 "ru": ("ru+m3", "ru+f2", "ru+f4")}
+ESPEAK_VOICES = {
+    "en": ("en-us+m3", "en-gb+f2", "en-us+f4"),
+    "es": ("es-419+m3", "es+f2", "es-419+f4"),
+    "fr": ("fr-fr+m3", "fr-be+f2", "fr-fr+f4"),
+    "it": ("it+m3", "it+f2", "it+f4"),
+    "ru": ("ru+m3", "ru+f2", "ru+f4"),
+}
 # flite has four 16 kHz voices (its `kal` is 8 kHz: left out, so that no fake speaker is recognisable by
 # its band alone); each also speaks slower, as espeak-ng's variants do, so that flite has as many
 # speakers to spread over the splits as the vocoders have.
-FLITE_VOICES = {f"{voice}{variant}": (voice, *settings) for voice in ("slt", "rms", "awb", "kal16")
-                for variant, settings in (("", ()), ("+slow", ("--setf", "duration_stretch=1.2")))}
-ENGINE_PACKAGES = {"espeak-ng": ("espeak-ng", "libespeak-ng1", "espeak-ng-data"), "flite": ("flite", "libflite1")}
+FLITE_VOICES = {
+    f"{voice}{variant}": (voice, *settings)
+    for voice in ("slt", "rms", "awb", "kal16")
+    for variant, settings in (("", ()), ("+slow", ("--setf", "duration_stretch=1.2")))
+}
+ENGINE_PACKAGES = {
+    "espeak-ng": ("espeak-ng", "libespeak-ng1", "espeak-ng-data"),
+    "flite": ("flite", "libflite1"),
+}
 
-CLIPS_PER_FOLDER = 100        # real prompts per recorded voice folder (about 1.4 h of audio in all)
-MIN_SPEECH_SECONDS = 0.8      # shorter prompts (single letters, digits) are dropped
+CLIPS_PER_FOLDER = 100  # real prompts per recorded voice folder (about 1.4 h of audio in all)
+MIN_SPEECH_SECONDS = 0.8  # shorter prompts (single letters, digits) are dropped
 TRIM_TOP_DB = 35
-PAD_SECONDS = (0.05, 0.4)     # silence before and after the speech, drawn per file
-LEVEL_LUFS = (-32.0, -24.0)   # loudness, drawn per file from the same range for both classes
-HIGH_PASS_HZ = 60             # below the voice; removes the DC a pulse-train vocoder or an engine leaves
+PAD_SECONDS = (0.05, 0.4)  # silence before and after the speech, drawn per file
+LEVEL_LUFS = (-32.0, -24.0)  # loudness, drawn per file from the same range for both classes
+HIGH_PASS_HZ = 60  # below the voice; removes the DC a pulse-train vocoder or an engine leaves
 REAL_KIND = "bona-fide"
 BONAFIDE_ATTACK = "-"
 VOCODERS = ("vocoder_griffinlim", "vocoder_lpc")
 META_COLUMNS = ["file", "speaker", "label", "attack", "split"]
-HELD_OUT_SHARE = 0.15         # of each group's speakers, for val and for test (at least one each)
-SOURCE_COLUMNS = ["file", "kind", "speaker", "language", "prompt", "transcript", "source_file",
-                  "package", "package_version", "licence", "engine", "voice", "engine_package",
-                  "engine_version", "engine_licence", "original_sample_rate"]
+HELD_OUT_SHARE = 0.15  # of each group's speakers, for val and for test (at least one each)
+SOURCE_COLUMNS = [
+    "file",
+    "kind",
+    "speaker",
+    "language",
+    "prompt",
+    "transcript",
+    "source_file",
+    "package",
+    "package_version",
+    "licence",
+    "engine",
+    "voice",
+    "engine_package",
+    "engine_version",
+    "engine_licence",
+    "original_sample_rate",
+]
 
 
 class CorpusBuildError(Exception):
@@ -82,8 +107,10 @@ class CorpusBuildError(Exception):
 
 
 def install_hint(package):
-    return (f"The builder fetches it with `apt-get download {package}` (Debian or Ubuntu, nothing is "
-            f"installed): run `sudo apt-get update` first, and check it with `apt-cache policy {package}`.")
+    return (
+        f"The builder fetches it with `apt-get download {package}` (Debian or Ubuntu, nothing is "
+        f"installed): run `sudo apt-get update` first, and check it with `apt-cache policy {package}`."
+    )
 
 
 # ---------------------------------------------------------------- Debian packages
@@ -99,11 +126,14 @@ def run_apt(args, cwd=None):
     try:
         done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError:
-        raise CorpusBuildError(f"`{args[0]}` not found: this builder needs Debian's apt. "
-                               + install_hint(args[-1].split("=")[0])) from None
+        raise CorpusBuildError(
+            f"`{args[0]}` not found: this builder needs Debian's apt. " + install_hint(args[-1].split("=")[0])
+        ) from None
     if done.returncode != 0:
-        raise CorpusBuildError(f"`{' '.join(args)}` failed: {done.stderr.strip()[-500:]}. "
-                               + install_hint(args[-1].split("=")[0]))
+        raise CorpusBuildError(
+            f"`{' '.join(args)}` failed: {done.stderr.strip()[-500:]}. "
+            + install_hint(args[-1].split("=")[0])
+        )
     return done.stdout
 
 
@@ -112,7 +142,9 @@ def apt_record(package):
     text = run_apt(["apt-cache", "show", "--no-all-versions", package])
     record = dict(re.findall(r"^(Version|SHA256|Filename): (\S+)$", text, flags=re.M))
     if not {"Version", "SHA256", "Filename"} <= record.keys():
-        raise CorpusBuildError(f"Debian package {package!r} is not in apt's package lists. " + install_hint(package))
+        raise CorpusBuildError(
+            f"Debian package {package!r} is not in apt's package lists. " + install_hint(package)
+        )
     return record
 
 
@@ -138,12 +170,16 @@ def fetch_deb(package, cache_dir, attempts=2):
             run_apt(["apt-get", "download", f"{package}={record['Version']}"], cwd=tmp)
             downloaded = sorted(Path(tmp).glob("*.deb"))
             if not downloaded:
-                raise CorpusBuildError(f"`apt-get download {package}` wrote no .deb file. " + install_hint(package))
+                raise CorpusBuildError(
+                    f"`apt-get download {package}` wrote no .deb file. " + install_hint(package)
+                )
             os.replace(downloaded[0], path)
     got = sha256_of(path)
     path.unlink()
-    raise CorpusBuildError(f"Corrupt download of Debian package {package!r}: SHA256 {got} but apt's lists say "
-                           f"{record['SHA256']} ({attempts} tries). " + install_hint(package))
+    raise CorpusBuildError(
+        f"Corrupt download of Debian package {package!r}: SHA256 {got} but apt's lists say "
+        f"{record['SHA256']} ({attempts} tries). " + install_hint(package)
+    )
 
 
 def unpack_deb(deb, into):
@@ -152,8 +188,10 @@ def unpack_deb(deb, into):
     if into.is_dir():
         return into
     if shutil.which("dpkg-deb") is None:
-        raise CorpusBuildError(f"`dpkg-deb` not found, needed to unpack {Path(deb).name}: "
-                               "install it with `sudo apt-get install dpkg`.")
+        raise CorpusBuildError(
+            f"`dpkg-deb` not found, needed to unpack {Path(deb).name}: "
+            "install it with `sudo apt-get install dpkg`."
+        )
     into.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=into.parent, prefix=f".{into.name}."))
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
@@ -196,9 +234,9 @@ def copy_licence(unpacked, package, out_dir, path_in_source="*"):
 class Prompt:
     speaker: str
     language: str
-    name: str          # e.g. "agent-pass" or "digits/20"
-    path: str          # the .g722 recording
-    member: str        # the recording's path below usr/share/asterisk/sounds/ in its package
+    name: str  # e.g. "agent-pass" or "digits/20"
+    path: str  # the .g722 recording
+    member: str  # the recording's path below usr/share/asterisk/sounds/ in its package
     transcript: str
     package: Package
     english: str = ""  # the English package's transcript of the same prompt name, for English-only engines
@@ -239,8 +277,18 @@ def prompts_in_package(sounds_root, transcripts, language, package, non_speech, 
                 skipped["no transcript"] += 1
             else:
                 member = path.relative_to(folder.parent).as_posix()
-                prompts.append(Prompt(speaker_of_folder(folder.name), language, name, str(path), member,
-                                      transcripts[name], package, (english or {}).get(name, "")))
+                prompts.append(
+                    Prompt(
+                        speaker_of_folder(folder.name),
+                        language,
+                        name,
+                        str(path),
+                        member,
+                        transcripts[name],
+                        package,
+                        (english or {}).get(name, ""),
+                    )
+                )
     return prompts, skipped
 
 
@@ -252,20 +300,32 @@ def fetch_real_prompts(cache_dir, out_dir, languages=SOUND_LANGUAGES):
     for language in languages:
         unpacked[language] = fetch_package(f"asterisk-core-sounds-{language}-g722", cache_dir)
         docs, _ = fetch_package(f"asterisk-core-sounds-{language}", cache_dir)
-        transcript_file = docs / f"usr/share/doc/asterisk-core-sounds-{language}/core-sounds-{language}.txt.gz"
+        transcript_file = (
+            docs / f"usr/share/doc/asterisk-core-sounds-{language}/core-sounds-{language}.txt.gz"
+        )
         if not transcript_file.is_file():
-            raise CorpusBuildError(f"Transcript file missing from asterisk-core-sounds-{language}: {transcript_file}")
+            raise CorpusBuildError(
+                f"Transcript file missing from asterisk-core-sounds-{language}: {transcript_file}"
+            )
         transcripts[language] = read_transcripts(transcript_file)
     non_speech = {name for texts in transcripts.values() for name, text in texts.items() if not text}
     prompts, notes = [], []
     for language, (sounds, version) in unpacked.items():
         name = f"asterisk-core-sounds-{language}-g722"
         package = Package(name, version, copy_licence(sounds, name, out_dir, f"{language}-"))
-        found, skipped = prompts_in_package(sounds / "usr/share/asterisk/sounds", transcripts[language],
-                                            language, package, non_speech, transcripts.get("en"))
+        found, skipped = prompts_in_package(
+            sounds / "usr/share/asterisk/sounds",
+            transcripts[language],
+            language,
+            package,
+            non_speech,
+            transcripts.get("en"),
+        )
         prompts += found
-        notes.append(f"{name} {version}: {len(found)} speech prompts; skipped: "
-                     + ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
+        notes.append(
+            f"{name} {version}: {len(found)} speech prompts; skipped: "
+            + ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+        )
     return prompts, notes
 
 
@@ -273,6 +333,7 @@ def fetch_real_prompts(cache_dir, out_dir, languages=SOUND_LANGUAGES):
 def decode_g722(path):
     """A .g722 file (raw G.722 at 64 kbit/s) -> float32 samples at 16 kHz."""
     import G722
+
     data = Path(path).read_bytes()
     if not data:
         raise CorpusBuildError(f"{path}: empty G.722 file")
@@ -282,6 +343,7 @@ def decode_g722(path):
 def encode_g722(audio):
     """Float samples at 16 kHz -> G.722 bytes at 64 kbit/s."""
     import G722
+
     pcm = (np.clip(audio, -1.0, 32767 / 32768) * 32768.0).astype(np.int16)
     return G722.G722(SR, G722_BITRATE).encode(pcm)
 
@@ -289,6 +351,7 @@ def encode_g722(audio):
 def g722_round_trip(audio):
     """Encode and decode once with G.722, the codec of the real recordings."""
     import G722
+
     return np.asarray(G722.G722(SR, G722_BITRATE).decode(encode_g722(audio)), dtype=np.int16)
 
 
@@ -321,8 +384,9 @@ def griffin_lim_copy(audio, seed, n_fft=1024, hop=256, n_mels=80, n_iter=32):
     """Phase thrown away: 80-band mel power spectrogram -> linear magnitude -> Griffin-Lim phase."""
     mel = librosa.feature.melspectrogram(y=audio, sr=SR, n_fft=n_fft, hop_length=hop, n_mels=n_mels)
     magnitude = librosa.feature.inverse.mel_to_stft(mel, sr=SR, n_fft=n_fft)
-    return librosa.griffinlim(magnitude, n_iter=n_iter, hop_length=hop, n_fft=n_fft, length=len(audio),
-                              random_state=seed).astype(np.float32)
+    return librosa.griffinlim(
+        magnitude, n_iter=n_iter, hop_length=hop, n_fft=n_fft, length=len(audio), random_state=seed
+    ).astype(np.float32)
 
 
 def periodicity(frame, lag):
@@ -352,14 +416,15 @@ def lpc_copy(audio, seed, order=18, frame_length=512, hop=128, voiced_threshold=
         if np.dot(segment, segment) < 1e-10:
             continue
         coefficients = librosa.lpc(segment.astype(np.float64), order=order)
-        residual_power = np.mean(scipy.signal.lfilter(coefficients, [1.0], segment) ** 2) / np.mean(window ** 2)
+        residual_power = np.mean(scipy.signal.lfilter(coefficients, [1.0], segment) ** 2) / np.mean(window**2)
         voiced = periodicity(segment, int(round(SR / f0[i]))) > voiced_threshold
         start = i * hop
-        excitation = (pulses if voiced else noise)[start:start + frame_length]
-        out[start:start + frame_length] += window * scipy.signal.lfilter(
-            [np.sqrt(residual_power)], coefficients, excitation)
-    out /= np.sum(window ** 2) / hop  # overlap-add gain of the squared window
-    return out[frame_length // 2:frame_length // 2 + len(audio)].astype(np.float32)
+        excitation = (pulses if voiced else noise)[start : start + frame_length]
+        out[start : start + frame_length] += window * scipy.signal.lfilter(
+            [np.sqrt(residual_power)], coefficients, excitation
+        )
+    out /= np.sum(window**2) / hop  # overlap-add gain of the squared window
+    return out[frame_length // 2 : frame_length // 2 + len(audio)].astype(np.float32)
 
 
 VOCODER_FUNCTIONS = {"vocoder_griffinlim": griffin_lim_copy, "vocoder_lpc": lpc_copy}
@@ -370,6 +435,7 @@ VOCODER_FUNCTIONS = {"vocoder_griffinlim": griffin_lim_copy, "vocoder_lpc": lpc_
 class CommandVoice:
     """A voice of a command-line synthesiser; `{text}` and `{wav}` in argv name a text file to read
     and a WAV file to write."""
+
     engine: str
     name: str
     language: str
@@ -389,8 +455,9 @@ class CommandVoice:
             argv = [a.replace("{text}", str(text_file)).replace("{wav}", str(wav_file)) for a in self.argv]
             done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **dict(self.env)})
             if done.returncode != 0 or not wav_file.is_file():
-                raise CorpusBuildError(f"{self.engine} voice {self.name!r} failed on {text!r}: "
-                                       f"{done.stderr.strip()[-300:]}")
+                raise CorpusBuildError(
+                    f"{self.engine} voice {self.name!r} failed on {text!r}: {done.stderr.strip()[-300:]}"
+                )
             audio, sr = sf.read(wav_file, dtype="float32")
         return audio, sr
 
@@ -408,10 +475,19 @@ def engine_voices(engine, folders, package):
     if engine == "espeak-ng":
         data = next((p.parent for f in folders for p in Path(f).glob("usr/lib/*/espeak-ng-data")), None)
         base = (binary,) + ((f"--path={data}",) if data else ())
-        return [CommandVoice(engine, voice, language, package, base + ("-v", voice, "-w", "{wav}", "-f", "{text}"), env)
-                for language, voices in ESPEAK_VOICES.items() for voice in voices]
-    return [CommandVoice(engine, name, "en", package, (binary, "-voice", *settings, "-f", "{text}", "-o", "{wav}"), env)
-            for name, settings in FLITE_VOICES.items()]
+        return [
+            CommandVoice(
+                engine, voice, language, package, base + ("-v", voice, "-w", "{wav}", "-f", "{text}"), env
+            )
+            for language, voices in ESPEAK_VOICES.items()
+            for voice in voices
+        ]
+    return [
+        CommandVoice(
+            engine, name, "en", package, (binary, "-voice", *settings, "-f", "{text}", "-o", "{wav}"), env
+        )
+        for name, settings in FLITE_VOICES.items()
+    ]
 
 
 def check_voice(voice):
@@ -419,7 +495,9 @@ def check_voice(voice):
     try:
         audio, _ = voice.synthesize("Testing one two three.")
     except (CorpusBuildError, OSError) as error:
-        raise CorpusBuildError(f"{voice.engine} cannot run ({error}). " + install_hint(voice.engine)) from None
+        raise CorpusBuildError(
+            f"{voice.engine} cannot run ({error}). " + install_hint(voice.engine)
+        ) from None
     if len(audio) == 0:
         raise CorpusBuildError(f"{voice.engine} produced no audio. " + install_hint(voice.engine))
 
@@ -480,6 +558,7 @@ def select_prompts(prompts, per_folder=CLIPS_PER_FOLDER, min_seconds=MIN_SPEECH_
 @dataclasses.dataclass(frozen=True)
 class Clip:
     """One output file and everything needed to make it."""
+
     file: str
     kind: str
     prompt: Prompt
@@ -502,7 +581,7 @@ class Clip:
 
     @property
     def seed(self):
-        return stable_hash(self.file) % (2 ** 32)
+        return stable_hash(self.file) % (2**32)
 
 
 def voices_for(prompt, voices):
@@ -539,8 +618,10 @@ def plan_clips(prompts, voices):
     names = [clip.file for clip in clips]
     if len(set(names)) != len(names):
         twins = sorted({name for name in names if names.count(name) > 1})
-        raise CorpusBuildError(f"Two recordings map to the same output file, e.g. {twins[0]}: a package "
-                               "with more than one voice folder per language needs its folder in the names")
+        raise CorpusBuildError(
+            f"Two recordings map to the same output file, e.g. {twins[0]}: a package "
+            "with more than one voice folder per language needs its folder in the names"
+        )
     return clips
 
 
@@ -591,15 +672,24 @@ def original_rates(clips):
 def source_row(clip, original_sr):
     prompt, voice = clip.prompt, clip.voice
     engine = voice.package if voice else None
-    return dict(file=clip.file, kind=clip.kind, speaker=clip.speaker, language=clip.language,
-                prompt=prompt.name, transcript=clip.text,
-                source_file=prompt.member if voice is None else "",
-                package=prompt.package.name, package_version=prompt.package.version,
-                licence=prompt.package.licence,
-                engine=voice.engine if voice else ("vocoder" if clip.kind in VOCODERS else ""),
-                voice=voice.name if voice else "", engine_package=engine.name if engine else "",
-                engine_version=engine.version if engine else "", engine_licence=engine.licence if engine else "",
-                original_sample_rate=original_sr)
+    return dict(
+        file=clip.file,
+        kind=clip.kind,
+        speaker=clip.speaker,
+        language=clip.language,
+        prompt=prompt.name,
+        transcript=clip.text,
+        source_file=prompt.member if voice is None else "",
+        package=prompt.package.name,
+        package_version=prompt.package.version,
+        licence=prompt.package.licence,
+        engine=voice.engine if voice else ("vocoder" if clip.kind in VOCODERS else ""),
+        voice=voice.name if voice else "",
+        engine_package=engine.name if engine else "",
+        engine_version=engine.version if engine else "",
+        engine_licence=engine.licence if engine else "",
+        original_sample_rate=original_sr,
+    )
 
 
 def speaker_splits(meta, held_out_share=HELD_OUT_SHARE):
@@ -621,15 +711,27 @@ def speaker_splits(meta, held_out_share=HELD_OUT_SHARE):
         groups.setdefault(group, []).append((len(files), stable_hash(speaker), speaker))
     splits = spread(groups.pop("recorded", []), held_out_share)
     recorded_splits = real.assign(split=real["speaker"].map(splits)).groupby("language")["split"].unique()
-    held_out = {language: found[0] for language, found in recorded_splits.items()
-                if len(found) == 1 and found[0] != "train"}
+    held_out = {
+        language: found[0]
+        for language, found in recorded_splits.items()
+        if len(found) == 1 and found[0] != "train"
+    }
     spoken = meta.groupby("speaker")["language"].unique()
     for members in groups.values():
-        placed = {speaker: held_out[spoken[speaker][0]] for _, _, speaker in members
-                  if len(spoken[speaker]) == 1 and spoken[speaker][0] in held_out}
+        placed = {
+            speaker: held_out[spoken[speaker][0]]
+            for _, _, speaker in members
+            if len(spoken[speaker]) == 1 and spoken[speaker][0] in held_out
+        }
         splits.update(placed)
-        splits.update(spread([m for m in members if m[2] not in placed], held_out_share, len(members),
-                             already=list(placed.values())))
+        splits.update(
+            spread(
+                [m for m in members if m[2] not in placed],
+                held_out_share,
+                len(members),
+                already=list(placed.values()),
+            )
+        )
     return splits
 
 
@@ -640,18 +742,30 @@ def spread(members, held_out_share, group_size=None, already=()):
     group_size = group_size or len(members)
     held = max(1, round(held_out_share * group_size)) if group_size >= 3 else 0
     wanted = [split for split in ("test", "val") for _ in range(max(0, held - list(already).count(split)))]
-    wanted = wanted[:max(0, len(members) - 1)]
+    wanted = wanted[: max(0, len(members) - 1)]
     ranked = sorted(members)
-    return {speaker: wanted[rank] if rank < len(wanted) else "train" for rank, (_, _, speaker) in enumerate(ranked)}
+    return {
+        speaker: wanted[rank] if rank < len(wanted) else "train"
+        for rank, (_, _, speaker) in enumerate(ranked)
+    }
 
 
 def write_tables(clips, out_dir):
     """meta.csv, sources.csv and checksums.sha256, rows sorted by file so a rebuild is byte-identical."""
     clips = sorted(clips, key=lambda c: c.file)
     rates = original_rates(clips)
-    meta = pd.DataFrame([dict(file=c.file, speaker=c.speaker, label="bona-fide" if c.kind == REAL_KIND else "spoof",
-                              attack=BONAFIDE_ATTACK if c.kind == REAL_KIND else c.kind, language=c.language)
-                         for c in clips])
+    meta = pd.DataFrame(
+        [
+            dict(
+                file=c.file,
+                speaker=c.speaker,
+                label="bona-fide" if c.kind == REAL_KIND else "spoof",
+                attack=BONAFIDE_ATTACK if c.kind == REAL_KIND else c.kind,
+                language=c.language,
+            )
+            for c in clips
+        ]
+    )
     meta["split"] = meta["speaker"].map(speaker_splits(meta))
     meta = meta[META_COLUMNS]
     sources = pd.DataFrame([source_row(c, rates[c.file]) for c in clips], columns=SOURCE_COLUMNS)
@@ -666,8 +780,11 @@ def write_tables(clips, out_dir):
 
 def remove_stale_files(out_dir, planned):
     """Delete audio an earlier, different plan left behind, so the folder holds exactly the corpus."""
-    stale = [p for p in sorted(Path(out_dir).glob("wav/**/*.wav"))
-             if p.relative_to(out_dir).as_posix() not in planned]
+    stale = [
+        p
+        for p in sorted(Path(out_dir).glob("wav/**/*.wav"))
+        if p.relative_to(out_dir).as_posix() not in planned
+    ]
     for path in stale:
         path.unlink()
     return len(stale)
@@ -678,8 +795,10 @@ def build_corpus(out_dir, prompts, voices, workers=2, per_folder=CLIPS_PER_FOLDE
     out_dir = Path(out_dir)
     selected, too_short = select_prompts(prompts, per_folder)
     clips = plan_clips(selected, voices)
-    log(f"{len(selected)} real prompts chosen ({too_short} shorter than {MIN_SPEECH_SECONDS} s skipped), "
-        f"{len(clips)} files planned")
+    log(
+        f"{len(selected)} real prompts chosen ({too_short} shorter than {MIN_SPEECH_SECONDS} s skipped), "
+        f"{len(clips)} files planned"
+    )
     jobs = [(clip, out_dir) for clip in clips]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -691,8 +810,10 @@ def build_corpus(out_dir, prompts, voices, workers=2, per_folder=CLIPS_PER_FOLDE
         log(f"skipped {file}: {why}")
     stale = remove_stale_files(out_dir, {c.file for c in clips})
     made = sum(why == "made" for why in outcomes.values())
-    log(f"{made} files made, {len(clips) - made - len(failed)} already there, {len(failed)} skipped, "
-        f"{stale} left from an earlier plan removed")
+    log(
+        f"{made} files made, {len(clips) - made - len(failed)} already there, {len(failed)} skipped, "
+        f"{stale} left from an earlier plan removed"
+    )
     return write_tables([c for c in clips if c.file not in failed], out_dir)
 
 
@@ -700,20 +821,28 @@ def summary(meta, out_dir, seconds):
     """Files and hours per kind, and files per split and kind as the project reads them."""
     durations = {f: sf.info(Path(out_dir) / f).duration for f in meta["file"]}
     table = meta.assign(hours=meta["file"].map(durations) / 3600)
-    per_kind = table.groupby("attack").agg(files=("file", "size"), speakers=("speaker", "nunique"),
-                                           hours=("hours", "sum")).round(3)
-    files = assign_splits(read_corpus("in_the_wild", out_dir)[0])
+    per_kind = (
+        table.groupby("attack")
+        .agg(files=("file", "size"), speakers=("speaker", "nunique"), hours=("hours", "sum"))
+        .round(3)
+    )
+    files = assign_splits(read_corpus("in_the_wild", out_dir)[0], seed=42)
     check_split_leaks(files)
     splits = files.groupby(["split", "attack"]).size().unstack(fill_value=0).reindex(SPLITS)
-    return (f"{per_kind}\n\ntotal {len(meta)} files, {table['hours'].sum():.2f} h, built in {seconds:.0f} s\n\n"
-            f"speaker-disjoint split (files):\n{splits}")
+    return (
+        f"{per_kind}\n\ntotal {len(meta)} files, {table['hours'].sum():.2f} h, built in {seconds:.0f} s\n\n"
+        f"speaker-disjoint split (files):\n{splits}"
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/demo_corpus", help="corpus folder (default: %(default)s)")
-    parser.add_argument("--cache", default="build/demo_corpus_cache",
-                        help="downloaded and unpacked packages (default: %(default)s)")
+    parser.add_argument(
+        "--cache",
+        default="build/demo_corpus_cache",
+        help="downloaded and unpacked packages (default: %(default)s)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
