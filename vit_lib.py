@@ -66,11 +66,12 @@ from vit_audio.devices import (
     init_distributed,
     is_main_process,
 )
-
-# Machinery the notebooks call through vit_lib, so that they import one module.
-from vit_audio.fixture_corpus import FIXTURE_AUDIO_DIR, make_fixture_corpus  # noqa: F401, E402
+from vit_audio.fixture_corpus import (  # "X as X": names the notebooks, which import vit_lib alone, call
+    FIXTURE_AUDIO_DIR as FIXTURE_AUDIO_DIR,
+    make_fixture_corpus as make_fixture_corpus,
+)
 from vit_audio.preparation import CLIP_FACTS
-from vit_audio.storage import (  # noqa: F401, E402
+from vit_audio.storage import (
     REPO_ROOT,
     MachineFault,
     atomic_write,
@@ -79,10 +80,11 @@ from vit_audio.storage import (  # noqa: F401, E402
     is_machine_fault,
     machine_fault_reason,
     printable_path,
-    read_score_file,
+    read_score_file as read_score_file,
+    save_csv_atomic,
     save_json_atomic,
     score_file_ids,
-    write_score_file,
+    write_score_file as write_score_file,
 )
 from vit_audio.tracking import init_wandb, log_checkpoint
 
@@ -2648,6 +2650,110 @@ def attention_rollout(maps):
         a = a / a.sum(dim=-1, keepdim=True)
         rollout = a if rollout is None else a @ rollout
     return rollout[:, 0, 1:]
+
+
+# ---------------------------------------------------------------- generalisation
+# one split can lie: folds over the recorded persons, and kinds of fake held out of training
+
+
+def speaker_groups(metadata):
+    """Who each segment's file belongs to: its speaker, or the file itself where no speaker is known.
+    A recorded person's vocoded copies keep the person's speaker, so they go wherever the person goes."""
+    return metadata["speaker"].fillna(metadata["original_path"]).astype(str)
+
+
+def speaker_folds(metadata, k=5, seed=DataConfig.SEED):
+    """{speaker: fold 0..k-1}: the speakers of a prepared dataset (every split) dealt over k folds in a
+    seeded random order, recorded persons (speakers with real files) first and the voices that only
+    fake (TTS speakers) after them, so every fold holds real and fake speakers."""
+    groups = speaker_groups(metadata)
+    has_real = metadata.groupby(groups)["label"].min().eq(0)
+    recorded, voices = sorted(has_real[has_real].index), sorted(has_real[~has_real].index)
+    if len(recorded) < k:
+        raise ValueError(
+            f"{k} folds need at least {k} recorded persons (speakers with real files); "
+            f"the dataset has {len(recorded)}"
+        )
+    rng = np.random.default_rng(seed)
+    folds = {}
+    for speakers in (recorded, voices):
+        offset = len(folds)
+        for position, speaker in enumerate(rng.permutation(speakers)):
+            folds[speaker] = (offset + position) % k
+    return folds
+
+
+def _write_view(metadata, dataset_dir, view_dir, note):
+    """Write `metadata` (segments of the dataset in `dataset_dir`, with their original `split` and the
+    view's `view_split`) as the split tables of a dataset at `view_dir` whose rows point at the
+    prepared arrays, after checking that no speaker or file crosses the view's splits."""
+    table = metadata.assign(split=metadata["view_split"])
+    check_split_leaks(table, file_column="original_path")
+    check_split_classes(table, "segments", note)
+    for split in SPLITS:
+        split_dir = view_dir / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        rows = metadata[metadata["view_split"] == split]
+        arrays = [Path(dataset_dir).resolve() / row.split / row.npy_path for row in rows.itertuples()]
+        rows = rows.assign(npy_path=[os.path.relpath(path, split_dir.resolve()) for path in arrays])
+        save_csv_atomic(split_dir / "metadata.csv", rows.drop(columns=["split", "view_split"]))
+    with atomic_write(
+        view_dir / "preparation.json"
+    ) as handle:  # the corpus root and settings it was made with
+        handle.write((Path(dataset_dir) / "preparation.json").read_bytes())
+
+
+def write_fold_datasets(dataset_dir, out_dir, k=5, seed=DataConfig.SEED):
+    """The prepared dataset in `dataset_dir` as k speaker-disjoint cross-validation folds: in fold i the
+    speakers of fold i are the test split, those of fold i + 1 the validation split, the rest train.
+    Each fold is written as `out_dir/fold<i>/<dataset name>/` with split tables that point at the
+    prepared arrays (nothing is decoded or copied; prepare the dataset again first if it changed, and
+    train with per-spectrogram normalisation: a view holds no normalization.json). Returns the k
+    folders to train with as TrainingConfig.cache_dir."""
+    metadata = read_dataset_metadata(dataset_dir)
+    folds = speaker_groups(metadata).map(speaker_folds(metadata, k, seed))
+    cache_dirs = []
+    for fold in range(k):
+        view_split = np.where(folds == fold, "test", np.where(folds == (fold + 1) % k, "val", "train"))
+        cache_dir = Path(out_dir) / f"fold{fold}"
+        _write_view(
+            metadata.assign(view_split=view_split),
+            dataset_dir,
+            cache_dir / Path(dataset_dir).name,
+            f"fold {fold} of {k}",
+        )
+        cache_dirs.append(cache_dir)
+    return cache_dirs
+
+
+def write_attack_holdout_datasets(dataset_dir, out_dir):
+    """Leave one attack out: for each kind of fake in the prepared dataset in `dataset_dir`, a view
+    whose train and validation splits hold no fake of that kind, and whose test split holds the test
+    split's real files and that kind's fakes only; the persons stay in the splits they were prepared
+    in. Written as `out_dir/<attack>/<dataset name>/`. Returns {attack: the folder to train with as
+    TrainingConfig.cache_dir}."""
+    metadata = read_dataset_metadata(dataset_dir)
+    attacks = sorted(metadata.loc[metadata["label"] == 1, "attack"].dropna().unique())
+    cache_dirs = {}
+    for attack in attacks:
+        held_out = (metadata["label"] == 1) & (metadata["attack"] == attack)
+        other_fakes_in_test = (metadata["split"] == "test") & (metadata["label"] == 1) & ~held_out
+        kept = metadata[~(held_out & (metadata["split"] != "test")) & ~other_fakes_in_test]
+        cache_dir = Path(out_dir) / attack
+        _write_view(
+            kept.assign(view_split=kept["split"]),
+            dataset_dir,
+            cache_dir / Path(dataset_dir).name,
+            f"{attack} held out",
+        )
+        cache_dirs[attack] = cache_dir
+    return cache_dirs
+
+
+def fold_summary(results):
+    """Mean, standard deviation and worst (highest) value of each column of `results` (one row per fold
+    or run, e.g. EER pooled and per kind of fake): the numbers to report instead of one split's."""
+    return pd.DataFrame({"mean": results.mean(), "std": results.std(ddof=1), "worst": results.max()}).T
 
 
 # ---------------------------------------------------------------- inference

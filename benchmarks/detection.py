@@ -1,9 +1,11 @@
 """Detection on a real corpus: file-level test EER, pooled and per kind of fake, over several seeds,
-beside the shortcut audit and the LFCC-GMM baseline, with the training time of each run.
+beside the shortcut audit and the LFCC-GMM baseline, with the training time of each run; on the
+prepared split, over k speaker-disjoint folds (`--folds K`), or with each kind of fake held out of
+training in turn (`--leave-one-attack-out`).
 
-Prepares the corpus once (cached), trains each model size once per seed with the default recipe
-(`--original` for the original notebook's), scores the test split per file, and writes
-`<out>/detection.json` plus a Markdown table `<out>/detection.md`.
+Prepares the corpus once (cached), trains each model size once per seed (and fold) with the default
+recipe (`--original` for the original notebook's), scores the test split per file, and writes
+`<out>/detection.json` plus a Markdown table `<out>/detection.md`: mean +- std and the worst run.
 
     .venv/bin/python benchmarks/detection.py                       # ViT_Small, 3 seeds, on data/demo_corpus
     .venv/bin/python benchmarks/detection.py --models ViT_Small CNN_Small --gmm
@@ -13,6 +15,10 @@ Prepares the corpus once (cached), trains each model size once per seed with the
     .venv/bin/python benchmarks/detection.py --merge results/demo_corpus/seeds/rowmean_s4{2,3,4}.json
     .venv/bin/python benchmarks/detection.py --data FEATURE=linear --cache-dir data/demo_linear \\
         --name linear_frontend
+    .venv/bin/python benchmarks/detection.py --models ViT_Small CNN_Small --gmm --seeds 42 --folds 5 \\
+        --name cross_validation
+    .venv/bin/python benchmarks/detection.py --models ViT_Small CNN_Small --gmm --seeds 42 \\
+        --leave-one-attack-out --name leave_one_attack_out
 """
 
 from __future__ import annotations
@@ -57,15 +63,18 @@ def parsed_fields(dataclass, assignments):
     return {name: types[name](value) for name, value in changes.items()}
 
 
-def eer_row(name, seed, files, seconds):
+def eer_row(name, seed, split, files, seconds):
     per_kind = vit_lib.per_attack_eer(files).set_index("attack")["eer"]
-    return dict(model=name, seed=seed, train_seconds=round(seconds, 1), **per_kind.round(4).to_dict())
+    return dict(
+        model=name, seed=seed, split=split, train_seconds=round(seconds, 1), **per_kind.round(4).to_dict()
+    )
 
 
 def summary_table(rows):
-    """Mean and standard deviation over seeds of every EER column, one row per model."""
+    """Mean and standard deviation over the runs (seeds, and folds) of every EER column, and the worst
+    run's pooled EER, one row per model."""
     frame = pd.DataFrame(rows)
-    eers = [c for c in frame.columns if c not in ("model", "seed", "train_seconds")]
+    eers = [c for c in frame.columns if c not in ("model", "seed", "split", "train_seconds")]
     grouped = frame.groupby("model", sort=False)
     table = pd.DataFrame(
         {
@@ -75,9 +84,17 @@ def summary_table(rows):
             for c in eers
         }
     )
-    table.insert(0, "seeds", grouped.size())
+    table.insert(0, "runs", grouped.size())
+    table["worst pooled"] = grouped["pooled"].max().round(4)
     table["train minutes (mean)"] = (grouped["train_seconds"].mean() / 60).round(1)
     return table
+
+
+def split_table(rows):
+    """Each model's pooled EER on each split (fold, or held-out kind of fake), the mean over seeds."""
+    frame = pd.DataFrame(rows)
+    table = frame.pivot_table(index="model", columns="split", values="pooled", aggfunc="mean", sort=False)
+    return table.round(4).reset_index()
 
 
 def markdown_table(frame):
@@ -116,6 +133,19 @@ def main():
         help="DataConfig fields to change, e.g. TIME_MASK_MAX_WIDTH=30 "
         "(a front-end change needs its own --cache-dir)",
     )
+    judged = parser.add_mutually_exclusive_group()
+    judged.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        metavar="K",
+        help="judge by K-fold cross-validation over the recorded persons instead of the prepared split",
+    )
+    judged.add_argument(
+        "--leave-one-attack-out",
+        action="store_true",
+        help="train without each kind of fake in turn and test on it",
+    )
     parser.add_argument("--name", default=None, help="output file stem (default: detection[_original])")
     parser.add_argument(
         "--merge",
@@ -142,47 +172,47 @@ def main():
     vit_lib.prepare_dataset(
         args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, data_config, progress=False
     )
-    dataset_dir = Path(args.cache_dir) / recipe.dataset_name
-    rows = []
-    for model_size in args.models:
-        for seed in args.seeds:
-            run_name = f"{model_size}_{args.name or ('original' if args.original else 'recipe')}_seed{seed}"
-            overrides = dict(
-                model_size=model_size,
-                seed=seed,
-                run_name=run_name,
-                cache_dir=args.cache_dir,
-                results_dir=str(out),
-                checkpoint_dir=str(Path("checkpoints") / out.name),
-                wandb_mode="disabled",
+    splits = judged_splits(args, Path(args.cache_dir) / recipe.dataset_name)
+    rows, audits = [], {}
+    for split, cache_dir in splits.items():
+        for model_size in args.models:
+            for seed in args.seeds:
+                run_name = (
+                    f"{model_size}_{args.name or ('original' if args.original else 'recipe')}_seed{seed}"
+                )
+                overrides = dict(
+                    model_size=model_size,
+                    seed=seed,
+                    run_name=run_name if len(splits) == 1 else f"{run_name}_{split}",
+                    cache_dir=str(cache_dir),
+                    results_dir=str(out),
+                    checkpoint_dir=str(Path("checkpoints") / out.name),
+                    wandb_mode="disabled",
+                    progress=False,
+                )
+                config = vit_lib.TrainingConfig(**{**asdict(recipe), **overrides})
+                scored, seconds = train_and_score(config, data_config)
+                rows.append(eer_row(model_size, seed, split, scored, seconds))
+                print(json.dumps(rows[-1]), flush=True)
+        if args.gmm:
+            started = time.perf_counter()
+            _, gmm_files = vit_lib.lfcc_gmm_baseline(
+                cache_dir,
+                recipe.dataset_name,
+                args.corpus_dir,
+                n_components=args.gmm_components,
                 progress=False,
             )
-            config = vit_lib.TrainingConfig(**{**asdict(recipe), **overrides})
-            scored, seconds = train_and_score(config, data_config)
-            rows.append(eer_row(model_size, seed, scored, seconds))
-            print(json.dumps(rows[-1]), flush=True)
-    if args.gmm:
-        started = time.perf_counter()
-        _, gmm_files = vit_lib.lfcc_gmm_baseline(
-            args.cache_dir,
-            recipe.dataset_name,
-            args.corpus_dir,
-            n_components=args.gmm_components,
-            progress=False,
-        )
-        rows.append(eer_row(f"LFCC-GMM ({args.gmm_components})", 0, gmm_files, time.perf_counter() - started))
-    metadata = vit_lib.read_dataset_metadata(dataset_dir)
-    train_files, test_files = (
-        vit_lib.pool_file_scores(metadata[metadata["split"] == split]) for split in ("train", "test")
-    )
-    audit = vit_lib.shortcut_audit(train_files, test_files, dataset_dir=dataset_dir)
+            model = f"LFCC-GMM ({args.gmm_components})"
+            rows.append(eer_row(model, 0, split, gmm_files, time.perf_counter() - started))
+        audits[split] = split_audit(Path(cache_dir) / recipe.dataset_name).to_dict("records")
     folders = ("cache_dir", "results_dir", "checkpoint_dir", "run_name")  # per machine and per run
     record = dict(
         recipe={k: v for k, v in asdict(recipe).items() if k not in folders},
         data=vit_lib.data_settings(data_config),
         corpus=vit_lib.display_path(args.corpus_dir),
         runs=rows,
-        audit=audit.to_dict("records"),
+        audits=audits,
         machine=dict(
             cpu=devices.cpu_model(),
             cpu_count=os.cpu_count(),
@@ -195,12 +225,42 @@ def main():
     write_report(out, args.name or ("detection_original" if args.original else "detection"), record)
 
 
+def judged_splits(args, dataset_dir):
+    """{split name: the cache folder of its dataset}: the prepared split, K fold views or one view per
+    held-out kind of fake (written beside the prepared dataset, under <cache>/views/)."""
+    views = Path(args.cache_dir) / "views"
+    if args.folds:
+        cache_dirs = vit_lib.write_fold_datasets(dataset_dir, views / f"{args.folds}_folds", args.folds)
+        return {cache_dir.name: cache_dir for cache_dir in cache_dirs}
+    if args.leave_one_attack_out:
+        return vit_lib.write_attack_holdout_datasets(dataset_dir, views / "held_out")
+    return {"prepared": Path(args.cache_dir)}
+
+
+def split_audit(dataset_dir):
+    """The shortcut audit of a dataset's train and test files: what trivial features alone achieve."""
+    metadata = vit_lib.read_dataset_metadata(dataset_dir)
+    train_files, test_files = (
+        vit_lib.pool_file_scores(metadata[metadata["split"] == split]) for split in ("train", "test")
+    )
+    return vit_lib.shortcut_audit(train_files, test_files, dataset_dir=dataset_dir)
+
+
+def in_current_form(record):
+    """A record as this script writes it now: records written before folds were judged hold one
+    `audit` (of the prepared split) and runs without a `split`."""
+    if "audit" in record:
+        record = {k: v for k, v in record.items() if k != "audit"} | {"audits": {"prepared": record["audit"]}}
+        record["runs"] = [{"split": "prepared", **run} for run in record["runs"]]
+    return record
+
+
 def merged_record(paths):
     """One record from the result files of separate invocations (e.g. one seed each) of one recipe on
     one corpus: their runs together, each machine it ran on."""
-    records = [json.loads(Path(path).read_text()) for path in paths]
+    records = [in_current_form(json.loads(Path(path).read_text())) for path in paths]
     for path, record in zip(paths[1:], records[1:]):
-        for key in ("recipe", "data", "corpus", "audit"):
+        for key in ("recipe", "data", "corpus", "audits"):
             if record.get(key) != records[0].get(key):
                 raise SystemExit(
                     f"{path}: its {key} differs from that of {paths[0]}; "
@@ -216,16 +276,25 @@ def merged_record(paths):
 
 
 def write_report(out, name, record):
-    """`<out>/<name>.json` (the record plus the audit's verdict on each model) and `<name>.md`: EER per
-    kind of fake, mean +- std over seeds, the shortcut audit and the verdicts."""
-    audit = pd.DataFrame(record["audit"])
-    mean_eer = pd.DataFrame(record["runs"]).groupby("model", sort=False)["pooled"].mean()
-    record["verdicts"] = {model: vit_lib.audit_verdict(audit, eer) for model, eer in mean_eer.items()}
+    """`<out>/<name>.json` (the record plus the audit's verdict on each model and split) and `<name>.md`:
+    EER per kind of fake, mean +- std over the runs and the worst, each split's EER when there are
+    several, the shortcut audit of each split and the verdicts."""
+    runs = pd.DataFrame(record["runs"])
+    mean_eer = runs.groupby(["split", "model"], sort=False)["pooled"].mean()
+    record["verdicts"] = {
+        f"{model} ({split})": vit_lib.audit_verdict(pd.DataFrame(record["audits"][split]), eer)
+        for (split, model), eer in mean_eer.items()
+    }
     vit_lib.save_json_atomic(out / f"{name}.json", record)
+    tables = [markdown_table(summary_table(record["runs"]).reset_index())]
+    if runs["split"].nunique() > 1:
+        tables.append(markdown_table(split_table(record["runs"])))
+    tables += [
+        f"Shortcut audit, {split}:\n\n" + markdown_table(pd.DataFrame(audit).round(4))
+        for split, audit in record["audits"].items()
+    ]
     markdown = (
-        markdown_table(summary_table(record["runs"]).reset_index())
-        + "\n\n"
-        + markdown_table(audit.round(4))
+        "\n\n".join(tables)
         + "\n\n"
         + "\n".join(f"- {model}: {text}" for model, text in record["verdicts"].items())
         + "\n"

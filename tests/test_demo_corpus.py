@@ -12,8 +12,7 @@ import pytest
 import soundfile as sf
 
 import vit_lib
-from vit_audio import corpora
-from vit_audio import demo_corpus as dc
+from vit_audio import corpora, demo_corpus as dc
 
 TTS_RATE = 22050
 SOUND_PACKAGE = dc.Package("asterisk-core-sounds-xx-g722", "0.1", "CC0-1.0")

@@ -1,0 +1,174 @@
+"""Cross-validation over recorded persons and leave-one-attack-out: the folds never split a person, each
+fold's test persons are every person exactly once over the folds, the views point at the prepared arrays,
+a held-out kind of fake never reaches training, and a model trains on a view as on the prepared dataset."""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import vit_lib
+
+DATASET = "vit_balanced_dataset"
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(prepared):
+    return prepared.cache / DATASET
+
+
+def speakers_by_split(view_dir):
+    return {split: set(vit_lib.read_metadata(view_dir / split)["speaker"]) for split in vit_lib.SPLITS}
+
+
+def test_speaker_folds_deal_every_person_to_one_fold_evenly_and_by_seed(dataset_dir):
+    metadata = vit_lib.read_dataset_metadata(dataset_dir)
+    folds = vit_lib.speaker_folds(metadata, k=3, seed=1)
+    assert set(folds) == set(metadata["speaker"])
+    sizes = np.bincount(list(folds.values()), minlength=3)
+    assert sizes.max() - sizes.min() <= 1
+    assert folds == vit_lib.speaker_folds(metadata, k=3, seed=1)
+    assert any(vit_lib.speaker_folds(metadata, k=3, seed=seed) != folds for seed in range(2, 8)), (
+        "another seed deals the persons otherwise"
+    )
+
+
+def test_more_folds_than_recorded_persons_is_refused(dataset_dir):
+    metadata = vit_lib.read_dataset_metadata(dataset_dir)
+    with pytest.raises(ValueError, match=r"5 folds need at least 5 recorded persons .* has 4"):
+        vit_lib.speaker_folds(metadata, k=5)
+
+
+def test_voices_that_only_fake_are_dealt_after_the_recorded_persons():
+    metadata = pd.DataFrame(
+        dict(
+            speaker=["a", "a", "b", "c", "tts1", "tts2", "tts3"],
+            original_path=[f"{i}.wav" for i in range(7)],
+            label=[0, 1, 0, 0, 1, 1, 1],
+        )
+    )
+    folds = vit_lib.speaker_folds(metadata, k=3, seed=0)
+    assert sorted(folds[s] for s in ("a", "b", "c")) == [0, 1, 2]
+    assert sorted(folds[s] for s in ("tts1", "tts2", "tts3")) == [0, 1, 2]
+
+
+def test_fold_views_test_each_person_once_and_never_split_a_person(dataset_dir, tmp_path):
+    original = vit_lib.read_dataset_metadata(dataset_dir)
+    cache_dirs = vit_lib.write_fold_datasets(dataset_dir, tmp_path / "folds", k=4, seed=0)
+    assert [c.name for c in cache_dirs] == ["fold0", "fold1", "fold2", "fold3"]
+    tested = []
+    for cache_dir in cache_dirs:
+        view = cache_dir / DATASET
+        speakers = speakers_by_split(view)
+        assert not (
+            speakers["train"] & speakers["val"]
+            or speakers["train"] & speakers["test"]
+            or speakers["val"] & speakers["test"]
+        )
+        assert len(vit_lib.read_dataset_metadata(view)) == len(original)
+        tested += sorted(speakers["test"])
+        assert (view / "preparation.json").read_bytes() == (dataset_dir / "preparation.json").read_bytes()
+    assert sorted(tested) == sorted(set(original["speaker"]))
+
+
+def test_a_view_reads_the_prepared_arrays(dataset_dir, tmp_path):
+    [cache_dir, *_] = vit_lib.write_fold_datasets(dataset_dir, tmp_path / "folds", k=4, seed=0)
+    split_dir = cache_dir / DATASET / "test"
+    view = vit_lib.read_metadata(split_dir)
+    original = vit_lib.read_dataset_metadata(dataset_dir).set_index(["original_path", "segment_index"])
+    for row in view.itertuples():
+        source = original.loc[(row.original_path, row.segment_index)]
+        prepared_array = dataset_dir / source["split"] / source["npy_path"]
+        assert (split_dir / row.npy_path).resolve() == prepared_array.resolve()
+    spec, label = vit_lib.AudioDataset(cache_dir / DATASET, "test", max_frames_spec=256)[0]
+    assert label == view["label"].iat[0] and tuple(spec.shape) == (1, 128, 256)
+
+
+def test_leaving_an_attack_out_keeps_it_out_of_training_and_tests_on_it_alone(dataset_dir, tmp_path):
+    original = vit_lib.read_dataset_metadata(dataset_dir)
+    cache_dirs = vit_lib.write_attack_holdout_datasets(dataset_dir, tmp_path / "held_out")
+    assert sorted(cache_dirs) == sorted(original.loc[original["label"] == 1, "attack"].unique())
+    for attack, cache_dir in cache_dirs.items():
+        view = vit_lib.read_dataset_metadata(cache_dir / DATASET)
+        training = view[view["split"] != "test"]
+        assert not ((training["label"] == 1) & (training["attack"] == attack)).any()
+        assert (training["label"] == 1).any(), "the other kinds of fake are trained on"
+        test = view[view["split"] == "test"]
+        assert set(test.loc[test["label"] == 1, "attack"]) == {attack}
+        original_test = original[original["split"] == "test"]
+        assert sorted(test.loc[test["label"] == 0, "npy_path"].map(lambda p: p.rsplit("/", 1)[-1])) == sorted(
+            original_test.loc[original_test["label"] == 0, "npy_path"]
+        )
+
+
+def test_fold_summary_gives_mean_spread_and_worst_fold():
+    results = pd.DataFrame({"pooled": [0.1, 0.3, 0.2], "tts": [0.0, 0.5, 0.1]})
+    summary = vit_lib.fold_summary(results)
+    assert summary.loc["mean", "pooled"] == pytest.approx(0.2)
+    assert summary.loc["std", "pooled"] == pytest.approx(0.1)
+    assert summary.loc["worst", "tts"] == 0.5
+
+
+def test_a_model_trains_and_is_tested_on_a_fold(dataset_dir, tmp_path):
+    [cache_dir, *_] = vit_lib.write_fold_datasets(dataset_dir, tmp_path / "folds", k=4, seed=0)
+    config = vit_lib.TrainingConfig(
+        dataset_name=DATASET,
+        epochs=1,
+        batch_size=8,
+        cache_dir=str(cache_dir),
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        results_dir=str(tmp_path / "results"),
+        wandb_mode="disabled",
+        progress=False,
+    )
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        metrics = vit_lib.run_training(config)
+    assert 0.0 <= metrics["test_eer"] <= 1.0
+    assert (
+        f"Dataset sizes (segments): train {len(vit_lib.read_metadata(cache_dir / DATASET / 'train'))}"
+        in out.getvalue()
+    )
+
+
+def test_the_detection_benchmark_reports_every_fold_and_the_worst(tmp_path):
+    corpus = vit_lib.make_fixture_corpus(tmp_path / "corpus", n_speakers=12, clips_per_speaker=2)
+    script = vit_lib.REPO_ROOT / "benchmarks" / "detection.py"
+    command = [
+        sys.executable,
+        str(script),
+        "--corpus-dir",
+        str(corpus),
+        "--corpus",
+        "folder",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "out"),
+        "--seeds",
+        "42",
+        "--epochs",
+        "1",
+        "--set",
+        "batch_size=8",
+        "--folds",
+        "3",
+        "--gmm",
+        "--gmm-components",
+        "2",
+        "--name",
+        "folds",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    record = json.loads((tmp_path / "out" / "folds.json").read_text())
+    assert sorted({(run["model"], run["split"]) for run in record["runs"]}) == [
+        (model, f"fold{i}") for model in ("LFCC-GMM (2)", "ViT_Small") for i in range(3)
+    ]
+    assert sorted(record["audits"]) == ["fold0", "fold1", "fold2"]
+    report = (tmp_path / "out" / "folds.md").read_text()
+    assert "worst pooled" in report and "| model | fold0 | fold1 | fold2 |" in report
