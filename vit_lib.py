@@ -21,7 +21,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import InitVar, asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -2666,6 +2666,8 @@ def speaker_folds(metadata, k=5, seed=DataConfig.SEED):
     """{speaker: fold 0..k-1}: the speakers of a prepared dataset (every split) dealt over k folds in a
     seeded random order, recorded persons (speakers with real files) first and the voices that only
     fake (TTS speakers) after them, so every fold holds real and fake speakers."""
+    if k < 3:
+        raise ValueError(f"cross-validation needs at least 3 folds (test, validation and train), got {k}")
     groups = speaker_groups(metadata)
     has_real = metadata.groupby(groups)["label"].min().eq(0)
     recorded, voices = sorted(has_real[has_real].index), sorted(has_real[~has_real].index)
@@ -2708,11 +2710,11 @@ def write_fold_datasets(dataset_dir, out_dir, k=5, seed=DataConfig.SEED):
     speakers of fold i are the test split, those of fold i + 1 the validation split, the rest train.
     Each fold is written as `out_dir/fold<i>/<dataset name>/` with split tables that point at the
     prepared arrays (nothing is decoded or copied; prepare the dataset again first if it changed, and
-    train with per-spectrogram normalisation: a view holds no normalization.json). Returns the k
-    folders to train with as TrainingConfig.cache_dir."""
+    train with per-spectrogram normalisation: a view holds no normalization.json). Returns {"fold<i>":
+    the folder to train with as TrainingConfig.cache_dir}."""
     metadata = read_dataset_metadata(dataset_dir)
     folds = speaker_groups(metadata).map(speaker_folds(metadata, k, seed))
-    cache_dirs = []
+    cache_dirs = {}
     for fold in range(k):
         view_split = np.where(folds == fold, "test", np.where(folds == (fold + 1) % k, "val", "train"))
         cache_dir = Path(out_dir) / f"fold{fold}"
@@ -2722,7 +2724,7 @@ def write_fold_datasets(dataset_dir, out_dir, k=5, seed=DataConfig.SEED):
             cache_dir / Path(dataset_dir).name,
             f"fold {fold} of {k}",
         )
-        cache_dirs.append(cache_dir)
+        cache_dirs[cache_dir.name] = cache_dir
     return cache_dirs
 
 
@@ -2748,6 +2750,29 @@ def write_attack_holdout_datasets(dataset_dir, out_dir):
         )
         cache_dirs[attack] = cache_dir
     return cache_dirs
+
+
+def test_file_scores(config, data_config=DataConfig()):
+    """The best checkpoint of a trained run scored on its dataset's test split, one row per file."""
+    model, _ = load_model(config.checkpoint_path())
+    segments = score_split(model, config.cache_dir, config.dataset_name, "test", data_config=data_config)
+    return pool_file_scores(segments)
+
+
+def cross_validate(config, cache_dirs, data_config=DataConfig()):
+    """Train `config` once on each dataset view of `cache_dirs` ({name: cache folder}, as
+    write_fold_datasets and write_attack_holdout_datasets give them; each run is named
+    <run_name>_<name>) and score its test split: one row per view, the file-level EER pooled and per
+    kind of fake (per_attack_eer) and the training minutes."""
+    rows = {}
+    for name, cache_dir in cache_dirs.items():
+        run = replace(config, cache_dir=str(cache_dir), run_name=f"{config.run_name}_{name}")
+        started = time.perf_counter()
+        run_training(run, data_config)
+        minutes = (time.perf_counter() - started) / 60
+        eers = per_attack_eer(test_file_scores(run, data_config)).set_index("attack")["eer"]
+        rows[name] = {**eers.to_dict(), "train minutes": minutes}
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def fold_summary(results):

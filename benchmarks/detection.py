@@ -46,11 +46,7 @@ def train_and_score(config, data_config):
     started = time.perf_counter()
     vit_lib.run_training(config, data_config)
     seconds = time.perf_counter() - started
-    model, _ = vit_lib.load_model(config.checkpoint_path())
-    segments = vit_lib.score_split(
-        model, config.cache_dir, config.dataset_name, "test", data_config=data_config
-    )
-    return vit_lib.pool_file_scores(segments), seconds
+    return vit_lib.test_file_scores(config, data_config), seconds
 
 
 def parsed_fields(dataclass, assignments):
@@ -230,8 +226,7 @@ def judged_splits(args, dataset_dir):
     held-out kind of fake (written beside the prepared dataset, under <cache>/views/)."""
     views = Path(args.cache_dir) / "views"
     if args.folds:
-        cache_dirs = vit_lib.write_fold_datasets(dataset_dir, views / f"{args.folds}_folds", args.folds)
-        return {cache_dir.name: cache_dir for cache_dir in cache_dirs}
+        return vit_lib.write_fold_datasets(dataset_dir, views / f"{args.folds}_folds", args.folds)
     if args.leave_one_attack_out:
         return vit_lib.write_attack_holdout_datasets(dataset_dir, views / "held_out")
     return {"prepared": Path(args.cache_dir)}

@@ -38,10 +38,12 @@ def test_speaker_folds_deal_every_person_to_one_fold_evenly_and_by_seed(dataset_
     )
 
 
-def test_more_folds_than_recorded_persons_is_refused(dataset_dir):
+def test_more_folds_than_recorded_persons_or_fewer_than_three_are_refused(dataset_dir):
     metadata = vit_lib.read_dataset_metadata(dataset_dir)
     with pytest.raises(ValueError, match=r"5 folds need at least 5 recorded persons .* has 4"):
         vit_lib.speaker_folds(metadata, k=5)
+    with pytest.raises(ValueError, match=r"at least 3 folds \(test, validation and train\), got 2"):
+        vit_lib.speaker_folds(metadata, k=2)
 
 
 def test_voices_that_only_fake_are_dealt_after_the_recorded_persons():
@@ -60,9 +62,9 @@ def test_voices_that_only_fake_are_dealt_after_the_recorded_persons():
 def test_fold_views_test_each_person_once_and_never_split_a_person(dataset_dir, tmp_path):
     original = vit_lib.read_dataset_metadata(dataset_dir)
     cache_dirs = vit_lib.write_fold_datasets(dataset_dir, tmp_path / "folds", k=4, seed=0)
-    assert [c.name for c in cache_dirs] == ["fold0", "fold1", "fold2", "fold3"]
+    assert list(cache_dirs) == ["fold0", "fold1", "fold2", "fold3"]
     tested = []
-    for cache_dir in cache_dirs:
+    for cache_dir in cache_dirs.values():
         view = cache_dir / DATASET
         speakers = speakers_by_split(view)
         assert not (
@@ -77,7 +79,7 @@ def test_fold_views_test_each_person_once_and_never_split_a_person(dataset_dir, 
 
 
 def test_a_view_reads_the_prepared_arrays(dataset_dir, tmp_path):
-    [cache_dir, *_] = vit_lib.write_fold_datasets(dataset_dir, tmp_path / "folds", k=4, seed=0)
+    cache_dir = vit_lib.write_fold_datasets(dataset_dir, tmp_path / "folds", k=4, seed=0)["fold0"]
     split_dir = cache_dir / DATASET / "test"
     view = vit_lib.read_metadata(split_dir)
     original = vit_lib.read_dataset_metadata(dataset_dir).set_index(["original_path", "segment_index"])
@@ -114,25 +116,26 @@ def test_fold_summary_gives_mean_spread_and_worst_fold():
     assert summary.loc["worst", "tts"] == 0.5
 
 
-def test_a_model_trains_and_is_tested_on_a_fold(dataset_dir, tmp_path):
-    [cache_dir, *_] = vit_lib.write_fold_datasets(dataset_dir, tmp_path / "folds", k=4, seed=0)
+def test_cross_validation_trains_on_each_fold_and_reports_its_test_eers(dataset_dir, tmp_path):
+    cache_dirs = vit_lib.write_fold_datasets(dataset_dir, tmp_path / "folds", k=4, seed=0)
     config = vit_lib.TrainingConfig(
         dataset_name=DATASET,
         epochs=1,
         batch_size=8,
-        cache_dir=str(cache_dir),
         checkpoint_dir=str(tmp_path / "checkpoints"),
         results_dir=str(tmp_path / "results"),
+        run_name="cv",
         wandb_mode="disabled",
         progress=False,
     )
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        metrics = vit_lib.run_training(config)
-    assert 0.0 <= metrics["test_eer"] <= 1.0
-    assert (
-        f"Dataset sizes (segments): train {len(vit_lib.read_metadata(cache_dir / DATASET / 'train'))}"
-        in out.getvalue()
-    )
+        table = vit_lib.cross_validate(config, dict(list(cache_dirs.items())[:2]))
+    assert list(table.index) == ["fold0", "fold1"]
+    assert table["pooled"].between(0, 1).all() and (table["train minutes"] > 0).all()
+    train_sizes = [len(vit_lib.read_metadata(cache_dirs[f"fold{i}"] / DATASET / "train")) for i in (0, 1)]
+    for size in train_sizes:
+        assert f"Dataset sizes (segments): train {size}," in out.getvalue()
+    assert (tmp_path / "checkpoints" / "best_vit_model_cv_fold1.pth").is_file()
 
 
 def test_the_detection_benchmark_reports_every_fold_and_the_worst(tmp_path):
