@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: demo lint test test-portable lab notebooks benchmark demo-corpus demo-corpus-series demo-corpus-detection clean
+.PHONY: demo lint test test-portable lab notebooks benchmark demo-corpus demo-corpus-series demo-corpus-detection demo-corpus-cross-validation clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,12 @@ demo-corpus-series: $(STAMP)
 # corpus: results/demo_corpus/detection.{json,md}.
 demo-corpus-detection: $(STAMP)
 	$(BIN)/python benchmarks/detection.py --corpus-dir $(DEMO_CORPUS) --gmm
+
+# The demo corpus judged by cross-validation over its four recorded persons (each the unseen test voice
+# of one fold), ViT_Small and the LFCC-GMM: results/demo_corpus/cross_validation/.
+demo-corpus-cross-validation: $(STAMP)
+	$(BIN)/python benchmarks/detection.py --corpus-dir $(DEMO_CORPUS) --models ViT_Small --gmm --seeds 42 \
+		--folds 4 --out results/demo_corpus/cross_validation --name vit_small_and_gmm
 
 clean:
 	rm -rf data checkpoints build wandb

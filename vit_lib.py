@@ -406,6 +406,9 @@ NOTEBOOK_PARAMETERS = {
     "AUDIO_FILE": ("VIT_AUDIO_FILE", str, ""),  # empty: a test-split file of the prepared dataset
     "GMM_COMPONENTS": ("VIT_GMM_COMPONENTS", int, "32"),  # ASVspoof 2019 used 512; the fixture is tiny
     "GMM_MAX_FRAMES": ("VIT_GMM_MAX_FRAMES", int, "20000"),
+    "FOLDS": ("VIT_FOLDS", int, "3"),  # cross-validation folds over the recorded persons (notebook 07)
+    # results of the demo corpus that notebook 07 shows beside the fixture's
+    "RECORD_DIR": ("VIT_RECORD_DIR", str, str(DEFAULT_RESULTS_DIR / "demo_corpus")),
 }
 
 
@@ -2662,6 +2665,7 @@ def speaker_groups(metadata):
     return metadata["speaker"].fillna(metadata["original_path"]).astype(str)
 
 
+# Introduced in notebook 07_generalisation.
 def speaker_folds(metadata, k=5, seed=DataConfig.SEED):
     """{speaker: fold 0..k-1}: the speakers of a prepared dataset (every split) dealt over k folds in a
     seeded random order, recorded persons (speakers with real files) first and the voices that only
@@ -2681,7 +2685,7 @@ def speaker_folds(metadata, k=5, seed=DataConfig.SEED):
     for speakers in (recorded, voices):
         offset = len(folds)
         for position, speaker in enumerate(rng.permutation(speakers)):
-            folds[speaker] = (offset + position) % k
+            folds[str(speaker)] = (offset + position) % k
     return folds
 
 
@@ -2705,6 +2709,7 @@ def _write_view(metadata, dataset_dir, view_dir, note):
         handle.write((Path(dataset_dir) / "preparation.json").read_bytes())
 
 
+# Introduced in notebook 07_generalisation.
 def write_fold_datasets(dataset_dir, out_dir, k=5, seed=DataConfig.SEED):
     """The prepared dataset in `dataset_dir` as k speaker-disjoint cross-validation folds: in fold i the
     speakers of fold i are the test split, those of fold i + 1 the validation split, the rest train.
@@ -2728,6 +2733,7 @@ def write_fold_datasets(dataset_dir, out_dir, k=5, seed=DataConfig.SEED):
     return cache_dirs
 
 
+# Introduced in notebook 07_generalisation.
 def write_attack_holdout_datasets(dataset_dir, out_dir):
     """Leave one attack out: for each kind of fake in the prepared dataset in `dataset_dir`, a view
     whose train and validation splits hold no fake of that kind, and whose test split holds the test
@@ -2759,6 +2765,7 @@ def test_file_scores(config, data_config=DataConfig()):
     return pool_file_scores(segments)
 
 
+# Introduced in notebook 07_generalisation.
 def cross_validate(config, cache_dirs, data_config=DataConfig()):
     """Train `config` once on each dataset view of `cache_dirs` ({name: cache folder}, as
     write_fold_datasets and write_attack_holdout_datasets give them; each run is named
@@ -2775,6 +2782,7 @@ def cross_validate(config, cache_dirs, data_config=DataConfig()):
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+# Introduced in notebook 07_generalisation.
 def fold_summary(results):
     """Mean, standard deviation and worst (highest) value of each column of `results` (one row per fold
     or run, e.g. EER pooled and per kind of fake): the numbers to report instead of one split's."""

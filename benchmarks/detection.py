@@ -169,7 +169,7 @@ def main():
         args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, data_config, progress=False
     )
     splits = judged_splits(args, Path(args.cache_dir) / recipe.dataset_name)
-    rows, audits = [], {}
+    rows, audits, tested_persons = [], {}, {}
     for split, cache_dir in splits.items():
         for model_size in args.models:
             for seed in args.seeds:
@@ -202,6 +202,8 @@ def main():
             model = f"LFCC-GMM ({args.gmm_components})"
             rows.append(eer_row(model, 0, split, gmm_files, time.perf_counter() - started))
         audits[split] = split_audit(Path(cache_dir) / recipe.dataset_name).to_dict("records")
+        test = vit_lib.read_metadata(Path(cache_dir) / recipe.dataset_name / "test")
+        tested_persons[split] = sorted(set(test.loc[test["label"] == 0, "speaker"].dropna()))
     folders = ("cache_dir", "results_dir", "checkpoint_dir", "run_name")  # per machine and per run
     record = dict(
         recipe={k: v for k, v in asdict(recipe).items() if k not in folders},
@@ -209,6 +211,7 @@ def main():
         corpus=vit_lib.display_path(args.corpus_dir),
         runs=rows,
         audits=audits,
+        tested_persons=tested_persons,
         machine=dict(
             cpu=devices.cpu_model(),
             cpu_count=os.cpu_count(),

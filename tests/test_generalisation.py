@@ -3,10 +3,10 @@ fold's test persons are every person exactly once over the folds, the views poin
 a held-out kind of fake never reaches training, and a model trains on a view as on the prepared dataset."""
 
 import contextlib
+import importlib.util
 import io
 import json
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -138,40 +138,43 @@ def test_cross_validation_trains_on_each_fold_and_reports_its_test_eers(dataset_
     assert (tmp_path / "checkpoints" / "best_vit_model_cv_fold1.pth").is_file()
 
 
-def test_the_detection_benchmark_reports_every_fold_and_the_worst(tmp_path):
-    corpus = vit_lib.make_fixture_corpus(tmp_path / "corpus", n_speakers=12, clips_per_speaker=2)
-    script = vit_lib.REPO_ROOT / "benchmarks" / "detection.py"
-    command = [
-        sys.executable,
-        str(script),
-        "--corpus-dir",
-        str(corpus),
-        "--corpus",
-        "folder",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--out",
-        str(tmp_path / "out"),
-        "--seeds",
-        "42",
-        "--epochs",
-        "1",
-        "--set",
-        "batch_size=8",
-        "--folds",
-        "3",
-        "--gmm",
-        "--gmm-components",
-        "2",
-        "--name",
-        "folds",
+@pytest.fixture(scope="module")
+def detection():
+    """benchmarks/detection.py as a module."""
+    path = vit_lib.REPO_ROOT / "benchmarks" / "detection.py"
+    spec = importlib.util.spec_from_file_location("detection", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_detection_benchmark_reports_every_fold_and_the_worst(detection, dataset_dir, tmp_path):
+    args = SimpleNamespace(cache_dir=str(tmp_path / "cache"), folds=3, leave_one_attack_out=False)
+    splits = detection.judged_splits(args, dataset_dir)
+    assert list(splits) == ["fold0", "fold1", "fold2"]
+    runs = [
+        dict(model=model, seed=42, split=split, train_seconds=60.0, pooled=eer, pulse_jitter=eer)
+        for model, eers in (("ViT_Small", (0.1, 0.3, 0.2)), ("CNN_Small", (0.2, 0.2, 0.2)))
+        for split, eer in zip(splits, eers)
     ]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    record = json.loads((tmp_path / "out" / "folds.json").read_text())
-    assert sorted({(run["model"], run["split"]) for run in record["runs"]}) == [
-        (model, f"fold{i}") for model in ("LFCC-GMM (2)", "ViT_Small") for i in range(3)
-    ]
-    assert sorted(record["audits"]) == ["fold0", "fold1", "fold2"]
+    audits = {
+        split: detection.split_audit(cache_dir / DATASET).to_dict("records")
+        for split, cache_dir in splits.items()
+    }
+    detection.write_report(tmp_path / "out", "folds", dict(runs=runs, audits=audits))
     report = (tmp_path / "out" / "folds.md").read_text()
-    assert "worst pooled" in report and "| model | fold0 | fold1 | fold2 |" in report
+    assert "| ViT_Small | 3 | 0.2 ± 0.1 | 0.2 ± 0.1 | 0.3 | 1.0 |" in report  # mean ± std, worst, minutes
+    assert "| model | fold0 | fold1 | fold2 |" in report and "| ViT_Small | 0.1 | 0.3 | 0.2 |" in report
+    record = json.loads((tmp_path / "out" / "folds.json").read_text())
+    assert sorted(record["verdicts"]) == sorted(
+        f"{m} ({s})" for m in ("ViT_Small", "CNN_Small") for s in splits
+    )
+
+
+def test_a_detection_record_from_before_the_folds_is_read_as_the_prepared_split(detection):
+    older = dict(
+        runs=[dict(model="ViT_Small", seed=42, pooled=0.05)], audit=[dict(feature="x", test_eer=0.5)]
+    )
+    record = detection.in_current_form(older)
+    assert record["audits"] == {"prepared": older["audit"]} and "audit" not in record
+    assert record["runs"] == [dict(split="prepared", model="ViT_Small", seed=42, pooled=0.05)]
