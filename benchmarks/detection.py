@@ -19,6 +19,7 @@ recipe (`--original` for the original notebook's), scores the test split per fil
         --name cross_validation
     .venv/bin/python benchmarks/detection.py --models ViT_Small CNN_Small --gmm --seeds 42 \\
         --leave-one-attack-out --name leave_one_attack_out
+    .venv/bin/python benchmarks/detection.py --seeds 42 --leave-one-attack-out tts_piper --name neural_tts_out
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ def main():
     )
     judged.add_argument(
         "--leave-one-attack-out",
-        action="store_true",
-        help="train without each kind of fake in turn and test on it",
+        nargs="*",
+        default=None,
+        metavar="ATTACK",
+        help="train without each kind of fake in turn and test on it; name kinds to hold out only those",
     )
     parser.add_argument("--name", default=None, help="output file stem (default: detection[_original])")
     parser.add_argument(
@@ -230,8 +233,12 @@ def judged_splits(args, dataset_dir):
     views = Path(args.cache_dir) / "views"
     if args.folds:
         return vit_lib.write_fold_datasets(dataset_dir, views / f"{args.folds}_folds", args.folds)
-    if args.leave_one_attack_out:
-        return vit_lib.write_attack_holdout_datasets(dataset_dir, views / "held_out")
+    if args.leave_one_attack_out is not None:
+        views = vit_lib.write_attack_holdout_datasets(dataset_dir, views / "held_out")
+        unknown = sorted(set(args.leave_one_attack_out) - set(views))
+        if unknown:
+            raise SystemExit(f"no fakes of kind {unknown} in {dataset_dir}; it holds {sorted(views)}")
+        return {attack: views[attack] for attack in args.leave_one_attack_out or views}
     return {"prepared": Path(args.cache_dir)}
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import soxr
 
 import vit_lib
 from vit_audio import corpora, demo_corpus as dc
@@ -91,6 +92,63 @@ def make_sound_package(root):
     return prompts
 
 
+def write_mo(path, messages):
+    """A gettext catalogue (.mo) of {English: translation}, laid out as GNU gettext writes one."""
+    entries = sorted({"": "Content-Type: text/plain; charset=UTF-8\n", **messages}.items())
+    originals, translations = (b"".join(text.encode() + b"\0" for text in column) for column in zip(*entries))
+    start = 28 + 16 * len(entries)
+    table, offset = [], start
+    for column in zip(*entries):
+        for text in column:
+            table += [len(text.encode()), offset]
+            offset += len(text.encode()) + 1
+    header = [0x950412DE, 0, len(entries), 28, 28 + 8 * len(entries), 0, 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.array(header + table, dtype="<u4").tobytes() + originals + translations)
+
+
+WORD_PACKAGE = dc.Package("ktuberling-data", "0.2", "GPL-2+")
+# language folder: (sample rate, words); sr@latin holds the same recordings as sr under another spelling.
+WORD_FOLDERS = {
+    "de": (44100, 14),
+    "en": (44100, 6),
+    "sr": (22050, 5),
+    "sr@latin": (22050, 5),
+    "it": (8000, 6),
+}
+SENTENCES = {"Could not save file.": "Die Datei lässt sich nicht speichern.", "Main Toolbar": "Hauptleiste"}
+
+
+def make_word_package(root):
+    """Words recorded apart, one folder per language, a sound theme each and a German catalogue."""
+    sounds = root / "usr/share/ktuberling/sounds"
+    for person, (folder, (rate, count)) in enumerate(WORD_FOLDERS.items()):
+        names = [f"word{number}" for number in range(count)]
+        listed = names + ["missing-word"]
+        lines = [f'<sound name="{name}" file="{folder}/{name}.ogg" />' for name in listed]
+        _write(
+            sounds / f"{folder}.soundtheme",
+            f'<language code="{folder}">\n' + "\n".join(lines) + "\n</language>\n",
+        )
+        if "@" in folder:  # another spelling of a language: the same recordings
+            shutil.copytree(sounds / folder.split("@")[0], sounds / folder)
+            continue
+        (sounds / folder).mkdir()
+        for number, name in enumerate(names):
+            audio = utterance(0.5 + 0.05 * number, 110 + 30 * person, rate, seed=number)
+            sf.write(sounds / folder / f"{name}.ogg", audio, rate)
+    write_mo(
+        root / "usr/share/locale/de/LC_MESSAGES/ktuberling.mo",
+        {**SENTENCES, "&Game": "&Spiel", "%1 (%2)": "%1 (%2)", "Éric Bischoff": "Éric Bischoff"},
+    )
+    return dc.word_prompts(sounds, root / "usr/share/locale", WORD_PACKAGE)
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory):
+    return make_word_package(tmp_path_factory.mktemp("words"))[0]
+
+
 def _write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -103,9 +161,9 @@ def prompts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def corpus(prompts, tmp_path_factory):
+def corpus(prompts, words, tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    dc.build_corpus(out, prompts, VOICES, workers=1, log=lambda line: None)
+    dc.build_corpus(out, prompts + words, VOICES, workers=1, log=lambda line: None)
     return out
 
 
@@ -125,14 +183,15 @@ def test_corpus_has_in_the_wild_layout_with_every_kind(corpus):
     sources = pd.read_csv(corpus / "sources.csv", dtype={"package_version": str})
     assert list(meta.columns) == dc.META_COLUMNS and list(sources.columns) == dc.SOURCE_COLUMNS
     assert set(meta["label"]) == {"bona-fide", "spoof"}
-    assert set(meta["attack"]) == {"-", "tts_espeak", "tts_flite", "vocoder_griffinlim", "vocoder_lpc"}
+    assert set(meta["attack"]) == {"-", "tts_espeak", "tts_flite", *dc.VOCODERS}
     assert (meta["attack"] == "-").eq(meta["label"] == "bona-fide").all()
     for file in meta["file"]:
         info = sf.info(corpus / file)
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
-    rates = sources.set_index("kind")["original_sample_rate"]
-    assert set(rates["tts_espeak"]) == {TTS_RATE} and set(rates["bona-fide"]) == {16000}
-    assert (sources["package_version"] == "0.1").all() and sources["transcript"].str.len().gt(0).all()
+    rates = sources.set_index(["kind", "package"])["original_sample_rate"]
+    assert set(rates["tts_espeak"]) == {TTS_RATE} and set(rates["bona-fide", SOUND_PACKAGE.name]) == {16000}
+    assert set(rates["bona-fide", WORD_PACKAGE.name]) == {rate for rate, _ in WORD_FOLDERS.values()}
+    assert set(sources["package_version"]) == {"0.1", "0.2"} and sources["transcript"].str.len().gt(0).all()
 
 
 def test_copies_keep_their_source_speaker_and_voices_are_their_own_speakers(corpus):
@@ -145,13 +204,14 @@ def test_copies_keep_their_source_speaker_and_voices_are_their_own_speakers(corp
 
 
 def test_two_recordings_that_would_share_a_file_name_are_refused(prompts):
-    twin = dataclasses.replace(prompts[0], speaker="asterisk:Someone", path=prompts[1].path)
+    twin = dataclasses.replace(prompts[0], speaker="asterisk:Someone", paths=prompts[1].paths)
     with pytest.raises(dc.CorpusBuildError, match="same output file"):
         dc.plan_clips([prompts[0], twin], VOICES)
 
 
 def test_flite_reads_the_english_transcript_of_a_prompt_in_another_language(corpus):
     sources = pd.read_csv(corpus / "sources.csv", keep_default_na=False)
+    sources = sources[sources["package"] == SOUND_PACKAGE.name]
     english = sources[sources["file"].str.startswith("wav/real/en-")].set_index("prompt")["transcript"]
     flite_elsewhere = sources[(sources["kind"] == "tts_flite") & ~sources["file"].str.contains("/en-")]
     assert len(flite_elsewhere) and (flite_elsewhere["language"] == "en").all()
@@ -164,7 +224,85 @@ def test_shipped_split_is_speaker_disjoint_with_both_classes_and_every_kind_in_e
     vit_lib.check_split_leaks(files)
     for split, group in files.groupby("split"):
         assert set(group["label"]) == {0, 1}, split
-        assert group.loc[group["label"] == 0, "speaker"].nunique() == 1, split
+        recorded_persons = group.loc[group["label"] == 0, "speaker"].nunique()
+        assert recorded_persons == 1 if split != "train" else recorded_persons > 1, split
+
+
+def test_a_folder_of_words_is_one_person_and_a_recording_found_twice_is_used_once(tmp_path):
+    prompts, notes = make_word_package(tmp_path)
+    assert {p.speaker for p in prompts} == {f"ktuberling:{language}" for language in ("de", "en", "sr", "it")}
+    assert all(len(p.paths) == dc.WORDS_PER_PROMPT for p in prompts)
+    serbian = {path for p in prompts if p.speaker == "ktuberling:sr" for path in p.paths}
+    assert len(serbian) == 5 and all("/sr/" in path for path in serbian)
+    # every person gives at least MIN_WORD_PROMPTS prompts, reading its words again in another order
+    assert all(n == dc.MIN_WORD_PROMPTS for n in pd.Series([p.speaker for p in prompts]).value_counts())
+    assert len({p.paths for p in prompts}) == len(prompts)
+    assert "5 listed recordings missing, 0 unreadable" in notes[0]
+    broken = tmp_path / "usr/share/ktuberling/sounds/it/word0.ogg"
+    broken.write_bytes(b"not audio")
+    again, notes = dc.word_prompts(broken.parents[1], tmp_path / "usr/share/locale", WORD_PACKAGE)
+    assert "1 unreadable" in notes[0] and str(broken) not in {path for p in again for path in p.paths}
+
+
+def test_voices_of_the_language_read_the_games_translation_and_english_ones_its_original(words, corpus):
+    german = [p for p in words if p.language == "de"]
+    assert all(SENTENCES[p.english] == p.transcript for p in german)
+    serbian = [p for p in words if p.language == "sr"]  # no catalogue: English voices read the glosses
+    assert all(p.transcript == "" and p.english == p.glosses for p in serbian)
+    english = [p for p in words if p.language == "en"]  # the game's own language: its words are read
+    assert english and all(p.transcript == p.english == p.glosses for p in english)
+    sources = pd.read_csv(corpus / "sources.csv", keep_default_na=False)
+    words_read = sources[(sources["package"] == WORD_PACKAGE.name) & sources["kind"].str.startswith("tts")]
+    by_name = {(p.language, p.name): p for p in words}
+    for row in words_read.itertuples():
+        prompt = by_name[(row.file.split("/")[2].split("-")[0], row.prompt)]
+        assert row.transcript == (prompt.transcript if row.language == prompt.language else prompt.english)
+
+
+def test_translated_sentences_leave_out_markup_placeholders_and_untranslated_names(tmp_path):
+    path = tmp_path / "x.mo"
+    write_mo(path, {**SENTENCES, "&Game": "&Spiel", "%1 (%2)": "%1 (%2)", "Éric Bischoff": "Éric Bischoff"})
+    assert dc.translated_sentences(path) == sorted(SENTENCES.items())
+    assert dc.translated_sentences(tmp_path / "none.mo") == []
+
+
+def high_band_share(audio, cutoff_hz=4200):
+    power = np.abs(np.fft.rfft(audio)) ** 2
+    return power[np.fft.rfftfreq(len(audio), 1 / dc.SR) > cutoff_hz].sum() / power.sum()
+
+
+def test_every_copy_of_a_narrowband_recording_gets_its_band_limit(words):
+    narrow = next(p for p in words if p.narrowband)
+    wide = next(p for p in words if not p.narrowband)
+    clips = [dc.Clip("real.wav", dc.REAL_KIND, narrow), dc.Clip("lpc.wav", "vocoder_lpc", narrow)]
+    clips.append(dc.Clip("mlsa.wav", "vocoder_mlsa", narrow))
+    clips.append(dc.Clip("tts.wav", "tts_flite", narrow, VOICES[3]))
+    unlimited = high_band_share(dc.source_audio(dc.Clip("tts.wav", "tts_flite", wide, VOICES[3])))
+    for clip in clips:
+        assert high_band_share(dc.source_audio(clip)) < unlimited / 100, clip.file
+
+
+def test_mlsa_copy_of_a_loud_band_limited_recording_stays_finite():
+    # Without a noise floor the mel-cepstrum of an empty upper band drives the MLSA filter to infinity.
+    t = np.arange(12000) / 8000
+    harmonics = sum(np.sin(2 * np.pi * 100 * k * t) / k for k in range(1, 38))
+    loud = soxr.resample(0.4 * harmonics * (1 - np.cos(2 * np.pi * 2 * t / 1.5)), 8000, dc.SR)
+    copy = dc.mlsa_copy(loud.astype(np.float32), seed=3)
+    assert np.isfinite(copy).all() and np.abs(copy).max() > 0.01
+
+
+def test_piper_speaks_the_same_file_whatever_ran_before_and_each_setting_differs():
+    first, second = dc.piper_voices()[:2]
+    audio, rate = first.synthesize("Press one for sales.")
+    second.synthesize("Something else first.")
+    again, _ = first.synthesize("Press one for sales.")
+    assert rate == 22050 and np.array_equal(audio, again)
+    assert not np.array_equal(audio[:1000], second.synthesize("Press one for sales.")[0][:1000])
+
+
+def test_a_missing_python_package_names_the_requirements_file():
+    with pytest.raises(dc.CorpusBuildError, match=r"'no-such-package' is missing.*requirements-demo-corpus"):
+        dc.optional_module("no_such_module_for_the_test", "no-such-package")
 
 
 def split_meta(rows):
@@ -244,19 +382,19 @@ def test_an_engine_keeps_a_voice_in_train_whatever_its_languages():
     assert [splits[s] for s in ("espeak-ng:fr", "espeak-ng:en1", "espeak-ng:en2")] == ["test", "val", "train"]
 
 
-def test_rebuild_in_two_processes_gives_identical_checksums(corpus, prompts, tmp_path):
-    dc.build_corpus(tmp_path, prompts, VOICES, workers=2, log=lambda line: None)
+def test_rebuild_in_two_processes_gives_identical_checksums(corpus, prompts, words, tmp_path):
+    dc.build_corpus(tmp_path, prompts + words, VOICES, workers=2, log=lambda line: None)
     assert (tmp_path / "checksums.sha256").read_text() == (corpus / "checksums.sha256").read_text()
     listed = dict(line.split("  ")[::-1] for line in (tmp_path / "checksums.sha256").read_text().splitlines())
     assert listed["meta.csv"] == hashlib.sha256((tmp_path / "meta.csv").read_bytes()).hexdigest()
 
 
-def test_rerun_makes_only_the_missing_file(corpus, prompts, tmp_path):
+def test_rerun_makes_only_the_missing_file(corpus, prompts, words, tmp_path):
     copy = shutil.copytree(corpus, tmp_path / "corpus")
     victim = copy / pd.read_csv(copy / "meta.csv")["file"].iloc[-1]
     victim.unlink()
     lines = []
-    dc.build_corpus(copy, prompts, VOICES, workers=1, log=lines.append)
+    dc.build_corpus(copy, prompts + words, VOICES, workers=1, log=lines.append)
     assert victim.is_file() and any(line.startswith("1 files made") for line in lines), lines
     assert (copy / "checksums.sha256").read_text() == (corpus / "checksums.sha256").read_text()
 

