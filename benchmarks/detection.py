@@ -145,6 +145,13 @@ def main():
         metavar="ATTACK",
         help="train without each kind of fake in turn and test on it; name kinds to hold out only those",
     )
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=None,
+        metavar="SPLIT",
+        help="run only these of the judged splits (e.g. fold3 fold4); --merge joins the records after",
+    )
     parser.add_argument("--name", default=None, help="output file stem (default: detection[_original])")
     parser.add_argument(
         "--merge",
@@ -172,8 +179,14 @@ def main():
         args.corpus_dir, recipe.dataset_name, args.corpus, args.cache_dir, data_config, progress=False
     )
     splits = judged_splits(args, Path(args.cache_dir) / recipe.dataset_name)
+    unknown = sorted(set(args.splits or ()) - set(splits))
+    if unknown:
+        parser.error(f"no split {unknown}; the judged splits are {sorted(splits)}")
+    name = args.name or ("detection_original" if args.original else "detection")
     rows, audits, tested_persons = [], {}, {}
     for split, cache_dir in splits.items():
+        if args.splits and split not in args.splits:
+            continue
         for model_size in args.models:
             for seed in args.seeds:
                 run_name = (
@@ -204,11 +217,19 @@ def main():
             )
             model = f"LFCC-GMM ({args.gmm_components})"
             rows.append(eer_row(model, 0, split, gmm_files, time.perf_counter() - started))
+            print(json.dumps(rows[-1]), flush=True)
         audits[split] = split_audit(Path(cache_dir) / recipe.dataset_name).to_dict("records")
         test = vit_lib.read_metadata(Path(cache_dir) / recipe.dataset_name / "test")
         tested_persons[split] = sorted(set(test.loc[test["label"] == 0, "speaker"].dropna()))
+        # after every split, so that a long cross-validation stopped half-way keeps its finished folds
+        write_report(out, name, run_record(args, recipe, data_config, rows, audits, tested_persons))
+
+
+def run_record(args, recipe, data_config, rows, audits, tested_persons):
+    """What a run of this script writes: the recipe, the data settings, every run's EERs, the audits
+    and the machine."""
     folders = ("cache_dir", "results_dir", "checkpoint_dir", "run_name")  # per machine and per run
-    record = dict(
+    return dict(
         recipe={k: v for k, v in asdict(recipe).items() if k not in folders},
         data=vit_lib.data_settings(data_config),
         corpus=vit_lib.display_path(args.corpus_dir),
@@ -224,7 +245,6 @@ def main():
             precision=str(vit_lib.choose_precision(vit_lib.get_device(), recipe.mixed_precision)),
         ),
     )
-    write_report(out, args.name or ("detection_original" if args.original else "detection"), record)
 
 
 def judged_splits(args, dataset_dir):
@@ -265,15 +285,22 @@ def merged_record(paths):
     one corpus: their runs together, each machine it ran on."""
     records = [in_current_form(json.loads(Path(path).read_text())) for path in paths]
     for path, record in zip(paths[1:], records[1:]):
-        for key in ("recipe", "data", "corpus", "audits"):
+        for key in ("recipe", "data", "corpus"):
             if record.get(key) != records[0].get(key):
                 raise SystemExit(
                     f"{path}: its {key} differs from that of {paths[0]}; "
                     f"only runs of one recipe on one corpus are merged"
                 )
+    per_split = {}  # audits and tested persons of each split; records of other splits add theirs
+    for path, record in zip(paths, records):
+        for key in ("audits", "tested_persons"):
+            for split, value in record.get(key, {}).items():
+                if per_split.setdefault(key, {}).setdefault(split, value) != value:
+                    raise SystemExit(f"{path}: its {key} of {split} differs from that of another record")
     machines = [record["machine"] for record in records]
     return dict(
         {k: v for k, v in records[0].items() if k not in ("runs", "verdicts", "machine")},
+        **per_split,
         runs=[run for record in records for run in record["runs"]],
         machine=[m for i, m in enumerate(machines) if m not in machines[:i]],
         merged_from=[Path(path).name for path in paths],

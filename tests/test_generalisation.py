@@ -191,3 +191,19 @@ def test_a_detection_record_from_before_the_folds_is_read_as_the_prepared_split(
     record = detection.in_current_form(older)
     assert record["audits"] == {"prepared": older["audit"]} and "audit" not in record
     assert record["runs"] == [dict(split="prepared", model="ViT_Small", seed=42, pooled=0.05)]
+
+
+def test_records_of_different_folds_merge_into_one_cross_validation(detection, tmp_path):
+    def record(split, eer, audit_eer):
+        path = tmp_path / f"{split}_{audit_eer}.json"
+        runs = [dict(model="ViT_Small", seed=42, split=split, pooled=eer)]
+        audits = {split: [dict(feature="duration", test_eer=audit_eer)]}
+        common = dict(recipe={"epochs": 45}, data={}, corpus="c", machine={"cpu": "x"})
+        path.write_text(json.dumps(dict(common, runs=runs, audits=audits, tested_persons={split: ["p"]})))
+        return str(path)
+
+    merged = detection.merged_record([record("fold0", 0.1, 0.5), record("fold1", 0.3, 0.4)])
+    assert sorted(merged["audits"]) == sorted(merged["tested_persons"]) == ["fold0", "fold1"]
+    assert [run["split"] for run in merged["runs"]] == ["fold0", "fold1"]
+    with pytest.raises(SystemExit, match="audits of fold0 differs"):
+        detection.merged_record([record("fold0", 0.1, 0.5), record("fold0", 0.2, 0.45)])
