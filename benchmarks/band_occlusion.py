@@ -24,12 +24,29 @@ from vit_audio import storage  # noqa: E402
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+")
-    parser.add_argument("--cache-dir", default="data/demo_processed")
-    parser.add_argument("--dataset", default=vit_lib.TrainingConfig().dataset_name)
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--rows-per-band", type=int, default=16)
-    parser.add_argument("--out", default="results/demo_corpus/band_occlusion")
+    parser.add_argument("checkpoints", nargs="+", help="trained .pth checkpoints to probe")
+    parser.add_argument(
+        "--cache-dir", default="data/demo_processed", help="prepared arrays (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dataset",
+        default=vit_lib.TrainingConfig().dataset_name,
+        help="prepared dataset name (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="split to occlude (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rows-per-band", type=int, default=16, help="mel rows silenced at a time (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out",
+        default="results/demo_corpus/band_occlusion",
+        help="folder of the tables and figures (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     matplotlib.use("Agg")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -88,10 +88,11 @@ def summary_table(rows):
 
 
 def split_table(rows):
-    """Each model's pooled EER on each split (fold, or held-out kind of fake), the mean over seeds."""
+    """Each model's pooled EER on each split (fold, or held-out kind of fake), the mean over seeds;
+    "not run" where a model has no run on a split."""
     frame = pd.DataFrame(rows)
     table = frame.pivot_table(index="model", columns="split", values="pooled", aggfunc="mean", sort=False)
-    return table.round(4).reset_index()
+    return table.round(4).astype(object).fillna("not run").reset_index()
 
 
 def markdown_table(frame):
@@ -103,18 +104,30 @@ def markdown_table(frame):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus-dir", default="data/demo_corpus")
-    parser.add_argument("--corpus", default="in_the_wild", choices=corpora.CORPORA)
-    parser.add_argument("--cache-dir", default="data/demo_processed")
-    parser.add_argument("--out", default="results/demo_corpus")
+    parser.add_argument(
+        "--corpus-dir", default="data/demo_corpus", help="the corpus's audio folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--corpus", default="in_the_wild", choices=corpora.CORPORA, help="its layout (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--cache-dir", default="data/demo_processed", help="its prepared arrays (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", default="results/demo_corpus", help="folder of the record (default: %(default)s)"
+    )
     parser.add_argument(
         "--models", nargs="*", default=["ViT_Small"], help="none: only the LFCC-GMM (with --gmm)"
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[42, 43, 44], help="one run per seed (default: %(default)s)"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--original", action="store_true", help="the original notebook's recipe")
     parser.add_argument("--gmm", action="store_true", help="add the LFCC-GMM baseline")
-    parser.add_argument("--gmm-components", type=int, default=64)
+    parser.add_argument(
+        "--gmm-components", type=int, default=64, help="Gaussians per class (default: %(default)s)"
+    )
     parser.add_argument(
         "--set",
         nargs="*",

@@ -93,8 +93,12 @@ def measure(task, path, warm_up):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--score-minutes", type=float, default=60)
-    parser.add_argument("--prepare-minutes", type=float, default=20)
+    parser.add_argument(
+        "--score-minutes", type=float, default=60, help="length of the file scored (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--prepare-minutes", type=float, default=20, help="length of the file prepared (default: %(default)s)"
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--measure", nargs=3, metavar=("TASK", "FILE", "WARM_UP"), help=argparse.SUPPRESS)
     args = parser.parse_args()

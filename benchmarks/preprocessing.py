@@ -184,11 +184,18 @@ def profile_per_file_work(paths, out_dir, top):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-minutes", type=float, default=10.0, help="least audio in the corpus")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default: %(default)s)"
+    )
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed runs per worker count (median reported)"
     )
-    parser.add_argument("--seed", type=int, default=vit_lib.DataConfig.SEED)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=vit_lib.DataConfig.SEED,
+        help="seed of the generated corpus (default: %(default)s)",
+    )
     parser.add_argument("--target", type=float, default=200.0, help="s of audio per s of wall time per core")
     parser.add_argument("--profile", action="store_true", help="profile even when the target is met")
     parser.add_argument(
@@ -196,7 +203,7 @@ def main(argv=None):
     )
     parser.add_argument("--top", type=int, default=30, help="cProfile lines")
     parser.add_argument("--work-dir", default=None, help="default: a temp folder, removed afterwards")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     print(f"# Preprocessing speed, {datetime.datetime.now().isoformat(timespec='seconds')}")

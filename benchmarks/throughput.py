@@ -365,15 +365,21 @@ def markdown_table(rows, columns):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--sizes", nargs="+", default=list(vit_lib.VIT_SIZES), choices=list(vit_lib.VIT_SIZES)
+        "--sizes",
+        nargs="+",
+        default=list(vit_lib.VIT_SIZES),
+        choices=list(vit_lib.VIT_SIZES),
+        help="model sizes to time (default: all)",
     )
     parser.add_argument("--original", action="store_true", help="the original notebook's model and optimiser")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per step (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps, the first call included (>= 1)")
     parser.add_argument("--iters", type=int, default=2, help="timed training steps per repeat")
     parser.add_argument("--infer-iters", type=int, default=6, help="timed inference steps per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="timings per figure; the median is reported")
-    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"], help="what to time"
+    )
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the project's model")
     parser.add_argument(
         "--warm-compile-cache",
@@ -393,10 +399,24 @@ def main(argv=None):
         help="add the project's model with dropout 0: shows what dropout costs (not the training recipe)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--peak-size", type=int, default=2048)
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: CUDA when present, else the CPU)",
+    )
+    parser.add_argument(
+        "--peak-size",
+        type=int,
+        default=2048,
+        help="matrix side of the fp32 matmul peak measurement (default: %(default)s)",
+    )
     parser.add_argument("--no-loader", action="store_true", help="skip the data-loader benchmark")
-    parser.add_argument("--loader-epochs", type=int, default=10)
+    parser.add_argument(
+        "--loader-epochs",
+        type=int,
+        default=10,
+        help="epochs the data-loader benchmark reads (default: %(default)s)",
+    )
     parser.add_argument(
         "--loader-workers",
         type=int,

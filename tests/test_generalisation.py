@@ -205,5 +205,8 @@ def test_records_of_different_folds_merge_into_one_cross_validation(detection, t
     merged = detection.merged_record([record("fold0", 0.1, 0.5), record("fold1", 0.3, 0.4)])
     assert sorted(merged["audits"]) == sorted(merged["tested_persons"]) == ["fold0", "fold1"]
     assert [run["split"] for run in merged["runs"]] == ["fold0", "fold1"]
+    gmm_only = dict(model="LFCC-GMM (64)", seed=0, split="fold1", pooled=0.2)
+    table = detection.split_table(merged["runs"] + [gmm_only])
+    assert table.set_index("model").loc["LFCC-GMM (64)"].tolist() == ["not run", 0.2]
     with pytest.raises(SystemExit, match="audits of fold0 differs"):
         detection.merged_record([record("fold0", 0.1, 0.5), record("fold0", 0.2, 0.45)])

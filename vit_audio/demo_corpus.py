@@ -1172,7 +1172,9 @@ def main(argv=None):
         default="build/demo_corpus_cache",
         help="downloaded and unpacked packages (default: %(default)s)",
     )
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="processes building clips (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     cache_dir = Path(args.cache)
