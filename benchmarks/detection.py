@@ -117,7 +117,10 @@ def main():
         "--out", default="results/demo_corpus", help="folder of the record (default: %(default)s)"
     )
     parser.add_argument(
-        "--models", nargs="*", default=["ViT_Small"], help="none: only the LFCC-GMM (with --gmm)"
+        "--models",
+        nargs="*",
+        default=["ViT_Small"],
+        help="none: only the LFCC-GMM (with --gmm), or only the shortcut audit (without it)",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[42, 43, 44], help="one run per seed (default: %(default)s)"
@@ -177,8 +180,6 @@ def main():
     if args.merge:
         write_report(out, args.name or "detection", merged_record(args.merge))
         return
-    if not args.models and not args.gmm:
-        parser.error("nothing to run: name --models, or give --gmm")
     recipe = (vit_lib.TrainingConfig.original if args.original else vit_lib.TrainingConfig)(
         **{
             **parsed_fields(vit_lib.TrainingConfig, args.set),
@@ -276,12 +277,19 @@ def judged_splits(args, dataset_dir):
 
 
 def split_audit(dataset_dir):
-    """The shortcut audit of a dataset's train and test files: what trivial features alone achieve."""
+    """The shortcut audit of a dataset's train and test files: what trivial features alone achieve, and
+    the spectral envelope's reference per kind of fake."""
     metadata = vit_lib.read_dataset_metadata(dataset_dir)
     train_files, test_files = (
         vit_lib.pool_file_scores(metadata[metadata["split"] == split]) for split in ("train", "test")
     )
-    return vit_lib.shortcut_audit(train_files, test_files, dataset_dir=dataset_dir)
+    return pd.concat(
+        [
+            vit_lib.shortcut_audit(train_files, test_files, dataset_dir=dataset_dir),
+            vit_lib.envelope_eer_per_kind(dataset_dir, test_files),
+        ],
+        ignore_index=True,
+    )
 
 
 def in_current_form(record):
@@ -324,16 +332,18 @@ def write_report(out, name, record):
     """`<out>/<name>.json` (the record plus the audit's verdict on each model and split) and `<name>.md`:
     EER per kind of fake, mean +- std over the runs and the worst, each split's EER when there are
     several, the shortcut audit of each split and the verdicts."""
-    runs = pd.DataFrame(record["runs"])
-    mean_eer = runs.groupby(["split", "model"], sort=False)["pooled"].mean()
-    record["verdicts"] = {
-        f"{model} ({split})": vit_lib.audit_verdict(pd.DataFrame(record["audits"][split]), eer)
-        for (split, model), eer in mean_eer.items()
-    }
+    record["verdicts"], tables = {}, []
+    if record["runs"]:  # none: the audit alone was asked for
+        runs = pd.DataFrame(record["runs"])
+        mean_eer = runs.groupby(["split", "model"], sort=False)["pooled"].mean()
+        record["verdicts"] = {
+            f"{model} ({split})": vit_lib.audit_verdict(pd.DataFrame(record["audits"][split]), eer)
+            for (split, model), eer in mean_eer.items()
+        }
+        tables.append(markdown_table(summary_table(record["runs"]).reset_index()))
+        if runs["split"].nunique() > 1:
+            tables.append(markdown_table(split_table(record["runs"])))
     vit_lib.save_json_atomic(out / f"{name}.json", record)
-    tables = [markdown_table(summary_table(record["runs"]).reset_index())]
-    if runs["split"].nunique() > 1:
-        tables.append(markdown_table(split_table(record["runs"])))
     tables += [
         f"Shortcut audit, {split}:\n\n" + markdown_table(pd.DataFrame(audit).round(4))
         for split, audit in record["audits"].items()

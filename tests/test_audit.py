@@ -191,6 +191,23 @@ def test_spectral_envelope_separates_classes_that_differ_only_in_spectral_tilt(t
     assert (table.loc[table["kind"] != "spectral envelope", "test_eer"] > 0.25).all(), table
 
 
+def test_envelope_per_kind_finds_the_kind_of_fake_its_average_spectrum_gives_away(tmp_path):
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 20), ("test", 15)):  # real and untilted fakes alike, tilted fakes apart
+        tilts = [(0, -20)] * n + [(1, -45)] * n + [(1, -20)] * n
+        write_split(tmp_path / split, [(label, rng.normal(tilt, 2)) for label, tilt in tilts], rng)
+    test_files = pd.DataFrame(
+        dict(
+            original_path=[f"file_{i:03d}.wav" for i in range(45)],
+            attack=["-"] * 15 + ["tilted"] * 15 + ["untilted"] * 15,
+        )
+    )
+    table = vit_lib.envelope_eer_per_kind(tmp_path, test_files).set_index("feature")
+    assert (table["kind"] == vit_lib.ENVELOPE_PER_KIND).all() and len(table) == 2
+    eer = table["test_eer"].rename(lambda feature: feature.rsplit(" ", 1)[-1])
+    assert eer["tilted"] < 0.1 and eer["untilted"] > 0.3, table
+
+
 def test_band_statistics_average_each_bands_mean_and_std_over_a_files_segments(tmp_path):
     (tmp_path / "train").mkdir()
     first = np.array([[0.0, 2.0], [-10.0, -10.0]])  # band means 1, -10; stds 1, 0
@@ -252,6 +269,14 @@ def test_verdict_says_plainly_when_the_model_is_not_clearly_better(model_eer):
     assert f"{vit_lib.SPECTRAL_ENVELOPE} reaches 0.2500" in verdict
     assert verdict.endswith("its score may measure the corpus, not the speech.")
     assert "clearly better:" not in verdict
+
+
+def test_verdict_leaves_the_envelope_of_one_kind_of_fake_out_of_its_references():
+    one_kind = pd.DataFrame(
+        dict(feature=["envelope: real against espeak"], test_eer=[0.0], kind=[vit_lib.ENVELOPE_PER_KIND])
+    )
+    verdict = audit_verdict(pd.concat([example_audit(), one_kind], ignore_index=True), 0.05)
+    assert verdict == audit_verdict(example_audit(), 0.05)
 
 
 def test_verdict_without_the_envelope_says_it_was_not_computed():

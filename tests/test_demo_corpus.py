@@ -139,7 +139,13 @@ def make_word_package(root):
             sf.write(sounds / folder / f"{name}.ogg", audio, rate)
     write_mo(
         root / "usr/share/locale/de/LC_MESSAGES/ktuberling.mo",
-        {**SENTENCES, "&Game": "&Spiel", "%1 (%2)": "%1 (%2)", "Éric Bischoff": "Éric Bischoff"},
+        {
+            **SENTENCES,
+            "&Game": "&Spiel",
+            "%1 (%2)": "%1 (%2)",
+            "Éric Bischoff": "Éric Bischoff",
+            "NAME OF TRANSLATORS\x04Your names": "Anna Beispiel, Bernd Muster",
+        },
     )
     return dc.word_prompts(sounds, root / "usr/share/locale", WORD_PACKAGE)
 
@@ -244,9 +250,17 @@ def test_a_folder_of_words_is_one_person_and_a_recording_found_twice_is_used_onc
     assert "1 unreadable" in notes[0] and str(broken) not in {path for p in again for path in p.paths}
 
 
-def test_voices_of_the_language_read_the_games_translation_and_english_ones_its_original(words, corpus):
+def test_voices_of_the_language_read_the_games_translation_and_english_ones_its_original(
+    words, corpus, tmp_path
+):
     german = [p for p in words if p.language == "de"]
-    assert all(SENTENCES[p.english] == p.transcript for p in german)
+    translated = {"Die", "Datei", "lässt", "sich", "nicht", "speichern", "Hauptleiste"}
+    write_mo(tmp_path / "de.mo", SENTENCES)
+    assert dc.translated_words(tmp_path / "de.mo") == sorted(translated)
+    for prompt in german:
+        read = prompt.transcript.split(dc.WORD_SEPARATOR)
+        assert len(read) == len(prompt.paths) and set(read) <= translated and prompt.english == prompt.glosses
+    assert len({p.transcript for p in german}) > 1
     serbian = [p for p in words if p.language == "sr"]  # no catalogue: English voices read the glosses
     assert all(p.transcript == "" and p.english == p.glosses for p in serbian)
     english = [p for p in words if p.language == "en"]  # the game's own language: its words are read
@@ -259,9 +273,62 @@ def test_voices_of_the_language_read_the_games_translation_and_english_ones_its_
         assert row.transcript == (prompt.transcript if row.language == prompt.language else prompt.english)
 
 
-def test_translated_sentences_leave_out_markup_placeholders_and_untranslated_names(tmp_path):
+def test_a_words_english_name_leaves_out_the_playgrounds_theme():
+    assert [dc.gloss(name) for name in ("egypt_palmtree", "tux-plate", "hat")] == ["palmtree", "plate", "hat"]
+
+
+class CountingVoice(StandInVoice):
+    """A stand-in voice that counts what it is asked to read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "read", [])
+
+    def synthesize(self, text):
+        self.read.append(text)
+        return super().synthesize(text)
+
+
+def silent_runs(audio, shortest=400):
+    """Lengths of the runs of exact zeros at least `shortest` samples long: the pauses put between words."""
+    edges = np.diff(np.concatenate([[0], (audio == 0).astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [int(e - s) for s, e in zip(starts, ends) if e - s >= shortest]
+
+
+def test_a_voice_reads_joined_words_one_at_a_time_with_the_recordings_pauses(words):
+    prompt = next(p for p in words if p.language == "de" and not p.narrowband)
+    voice = CountingVoice("espeak-ng", "de", "de")
+    fake = dc.source_audio(dc.Clip("wav/tts_espeak/x.wav", "tts_espeak", prompt, voice))
+    real = dc.source_audio(dc.Clip("wav/real/x.wav", dc.REAL_KIND, prompt))
+    assert voice.read == prompt.transcript.split(dc.WORD_SEPARATOR) and len(voice.read) == len(prompt.paths)
+    pauses = silent_runs(real)
+    assert len(pauses) == len(prompt.paths) - 1 and silent_runs(fake) == pauses
+
+
+def test_a_folder_another_edition_made_is_remade_whole(corpus, prompts, words, tmp_path):
+    copy = shutil.copytree(corpus, tmp_path / "corpus")
+    (copy / dc.EDITION_FILE).write_text(f"{dc.EDITION - 1}\n")
+    lines = []
+    dc.build_corpus(copy, prompts + words, VOICES, workers=1, log=lines.append)
+    files = len(pd.read_csv(copy / "meta.csv"))
+    assert lines[0].startswith(f"{files} files made by another edition of this builder removed"), lines
+    assert any(line.startswith(f"{files} files made, 0 already there") for line in lines), lines
+    assert (copy / "checksums.sha256").read_text() == (corpus / "checksums.sha256").read_text()
+
+
+def test_translated_sentences_leave_out_markup_placeholders_untranslated_names_and_credits(tmp_path):
     path = tmp_path / "x.mo"
-    write_mo(path, {**SENTENCES, "&Game": "&Spiel", "%1 (%2)": "%1 (%2)", "Éric Bischoff": "Éric Bischoff"})
+    write_mo(
+        path,
+        {
+            **SENTENCES,
+            "&Game": "&Spiel",
+            "%1 (%2)": "%1 (%2)",
+            "Éric Bischoff": "Éric Bischoff",
+            "NAME OF TRANSLATORS\x04Your names": "Anna Beispiel, Bernd Muster",
+        },
+    )
     assert dc.translated_sentences(path) == sorted(SENTENCES.items())
     assert dc.translated_sentences(tmp_path / "none.mo") == []
 

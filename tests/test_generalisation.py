@@ -169,6 +169,16 @@ def test_the_detection_benchmark_reports_every_fold_and_the_worst(detection, dat
     assert sorted(record["verdicts"]) == sorted(
         f"{m} ({s})" for m in ("ViT_Small", "CNN_Small") for s in splits
     )
+    kinds = {row["kind"] for audit in audits.values() for row in audit}
+    assert vit_lib.ENVELOPE_PER_KIND in kinds and ": real against " in report
+
+
+def test_the_detection_benchmark_can_write_the_audit_alone(detection, dataset_dir, tmp_path):
+    audits = {"prepared": detection.split_audit(dataset_dir).to_dict("records")}
+    detection.write_report(tmp_path, "audit", dict(runs=[], audits=audits))
+    record = json.loads((tmp_path / "audit.json").read_text())
+    assert record["verdicts"] == {} and record["audits"] == json.loads(json.dumps(audits))
+    assert (tmp_path / "audit.md").read_text().startswith("Shortcut audit, prepared:")
 
 
 def test_the_detection_benchmark_holds_out_only_the_kinds_of_fake_it_is_given(

