@@ -117,6 +117,14 @@ WORD_FOLDERS = {
     "it": (8000, 6),
 }
 SENTENCES = {"Could not save file.": "Die Datei lässt sich nicht speichern.", "Main Toolbar": "Hauptleiste"}
+# A German catalogue: the sentences, messages that are not plain sentences, and the translators' credits.
+CATALOGUE = {
+    **SENTENCES,
+    "&Game": "&Spiel",
+    "%1 (%2)": "%1 (%2)",
+    "Éric Bischoff": "Éric Bischoff",
+    "NAME OF TRANSLATORS\x04Your names": "Anna Beispiel, Bernd Muster",
+}
 
 
 def make_word_package(root):
@@ -137,16 +145,7 @@ def make_word_package(root):
         for number, name in enumerate(names):
             audio = utterance(0.5 + 0.05 * number, 110 + 30 * person, rate, seed=number)
             sf.write(sounds / folder / f"{name}.ogg", audio, rate)
-    write_mo(
-        root / "usr/share/locale/de/LC_MESSAGES/ktuberling.mo",
-        {
-            **SENTENCES,
-            "&Game": "&Spiel",
-            "%1 (%2)": "%1 (%2)",
-            "Éric Bischoff": "Éric Bischoff",
-            "NAME OF TRANSLATORS\x04Your names": "Anna Beispiel, Bernd Muster",
-        },
-    )
+    write_mo(root / "usr/share/locale/de/LC_MESSAGES/ktuberling.mo", CATALOGUE)
     return dc.word_prompts(sounds, root / "usr/share/locale", WORD_PACKAGE)
 
 
@@ -250,7 +249,7 @@ def test_a_folder_of_words_is_one_person_and_a_recording_found_twice_is_used_onc
     assert "1 unreadable" in notes[0] and str(broken) not in {path for p in again for path in p.paths}
 
 
-def test_voices_of_the_language_read_the_games_translation_and_english_ones_its_original(
+def test_voices_of_the_language_read_words_of_the_games_translation_and_english_ones_the_words_names(
     words, corpus, tmp_path
 ):
     german = [p for p in words if p.language == "de"]
@@ -319,16 +318,7 @@ def test_a_folder_another_edition_made_is_remade_whole(corpus, prompts, words, t
 
 def test_translated_sentences_leave_out_markup_placeholders_untranslated_names_and_credits(tmp_path):
     path = tmp_path / "x.mo"
-    write_mo(
-        path,
-        {
-            **SENTENCES,
-            "&Game": "&Spiel",
-            "%1 (%2)": "%1 (%2)",
-            "Éric Bischoff": "Éric Bischoff",
-            "NAME OF TRANSLATORS\x04Your names": "Anna Beispiel, Bernd Muster",
-        },
-    )
+    write_mo(path, CATALOGUE)
     assert dc.translated_sentences(path) == sorted(SENTENCES.items())
     assert dc.translated_sentences(tmp_path / "none.mo") == []
 

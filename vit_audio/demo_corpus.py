@@ -116,9 +116,9 @@ MIN_WORD_LETTERS = 3  # shorter words of a translation (articles, particles) are
 # Raised whenever a change of recipe changes files, so that a resumed build cannot mix recipes. 3: the
 # voices read joined-word prompts word by word, with the recording's pauses.
 EDITION = 3
+EDITION_FILE = "edition.txt"
 # Gettext contexts (KDE's convention) whose messages are the translators' names and addresses.
 TRANSLATOR_CREDITS = ("NAME OF TRANSLATORS", "EMAIL OF TRANSLATORS")
-EDITION_FILE = "edition.txt"
 CLIPS_PER_FOLDER = 100  # real prompts per recorded voice folder (about 1.4 h of audio in all)
 MIN_SPEECH_SECONDS = 0.8  # shorter prompts (single letters, digits) are dropped
 TRIM_TOP_DB = 35
