@@ -2459,12 +2459,15 @@ SHORTCUT_FEATURES = {
 }
 
 
+# Introduced in notebook 07_generalisation.
 ALL_FEATURES_TOGETHER = "all trivial features together"
 
 
+# Introduced in notebook 07_generalisation.
 SPECTRAL_ENVELOPE = "spectral envelope (each band's mean and std)"
 
 
+# Introduced in notebook 07_generalisation.
 # The kind of the audit rows that split the spectral envelope's reference by kind of fake: they show where
 # the envelope gives a kind away, and are not a reference of the verdict (a model is judged on all fakes).
 ENVELOPE_PER_KIND = "spectral envelope, one kind of fake"
