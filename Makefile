@@ -72,10 +72,10 @@ demo-corpus-detection: $(STAMP)
 	$(BIN)/python benchmarks/detection.py --corpus-dir $(DEMO_CORPUS) --gmm
 
 # The demo corpus judged by five folds over its recorded persons (each fold's persons unseen in train and
-# val), ViT_Small and the LFCC-GMM: results/demo_corpus/third_edition/cross_validation.{json,md}.
+# val), ViT_Small and the LFCC-GMM: results/demo_corpus/fourth_edition/cross_validation.{json,md}.
 demo-corpus-cross-validation: $(STAMP)
 	$(BIN)/python benchmarks/detection.py --corpus-dir $(DEMO_CORPUS) --models ViT_Small --gmm --seeds 42 \
-		--folds 5 --out results/demo_corpus/third_edition --name cross_validation
+		--folds 5 --out results/demo_corpus/fourth_edition --name cross_validation
 
 clean:
 	rm -rf data checkpoints build wandb

@@ -853,7 +853,7 @@ def read_metadata(split_dir):
     path = split_dir / "metadata.csv"
     if not path.is_file():
         raise DatasetError(f"Missing {path}")
-    metadata = pd.read_csv(path, dtype={"speaker": str, "attack": str})
+    metadata = pd.read_csv(path, dtype={"speaker": str, "attack": str, "prompt_speaker": str})
     missing = REQUIRED_METADATA_COLUMNS - set(metadata.columns)
     if missing:
         raise DatasetError(f"{path}: missing required column(s) {sorted(missing)}")
@@ -2446,6 +2446,7 @@ def per_attack_eer(files):
 # ---------------------------------------------------------------- the audit
 # what a detector could use instead of the voice, and what the decision rests on (notebooks 02 and 04)
 
+# Introduced in notebook 07_generalisation.
 SHORTCUT_FEATURES = {
     "duration_s": "clip duration (s)",
     "filled_fraction": "looped/padded share of segments",
@@ -2533,38 +2534,18 @@ def trivial_classifier_eer(train_x, train_labels, test_x, test_labels):
     return eer_of_p_fake(test_labels, trivial_classifier_p_fake(train_x, train_labels, test_x))
 
 
-def envelope_eer_per_kind(dataset_dir, test_files):
-    """The audit's spectral-envelope reference split by kind of fake: the same classifier, fitted on all
-    train files of the processed `dataset_dir`, and its test EER of the real files of `test_files`
-    against one kind of fake at a time. A low value says the average spectrum alone gives that kind
-    away (other texts, other speaking styles, a band or a channel of its own), so a model's low EER on
-    it says little."""
-    train = band_statistics(Path(dataset_dir) / "train")
-    test = band_statistics(Path(dataset_dir) / "test")
-    test = test[test["original_path"].isin(test_files["original_path"])]
-    attack = test["original_path"].map(test_files.set_index("original_path")["attack"])
-    bands = train.columns.drop(["original_path", "label"])
-    p_fake = trivial_classifier_p_fake(train[bands], train["label"], test[bands])
-    rows = []
-    for kind in sorted(attack[test["label"] == 1].dropna().unique()):
-        chosen = ((test["label"] == 0) | (attack == kind)).to_numpy()
-        rows.append(
-            dict(
-                feature=f"{SPECTRAL_ENVELOPE}: real against {kind}",
-                test_eer=eer_of_p_fake(test["label"].to_numpy()[chosen], p_fake[chosen]),
-                kind=ENVELOPE_PER_KIND,
-            )
-        )
-    return pd.DataFrame(rows, columns=["feature", "test_eer", "kind"])
-
-
 # Introduced in notebook 04_evaluate.
-def shortcut_audit(train_files, test_files, dataset_dir=None):
+def shortcut_audit(train_files, test_files, dataset_dir=None, per_kind=False):
     """File-level test EER of trivial classifiers fitted on the train files: one per feature a detector
     should not rely on, all of them together and, given the processed `dataset_dir`, the spectral
     envelope of its train and test splits. An EER far below 0.5 means the corpus lets a model separate
     the classes without listening to the speech. Features a dataset lacks (prepared before they were
-    recorded) are left out with a printed note."""
+    recorded) are left out with a printed note.
+
+    With `per_kind` (and `dataset_dir`), the envelope's classifier is also scored on the real test files
+    against one kind of fake (test_files' `attack`) at a time, in rows of kind ENVELOPE_PER_KIND. A low
+    value says the average spectrum alone gives that kind away (other texts, other speaking styles, a
+    band or a channel of its own), so a model's low EER on it says little."""
     usable = [
         f
         for f in SHORTCUT_FEATURES
@@ -2597,20 +2578,32 @@ def shortcut_audit(train_files, test_files, dataset_dir=None):
         for name, kind, columns in groups
     ]
     if dataset_dir is not None:
-        train_bands = band_statistics(Path(dataset_dir) / "train")
-        test_bands = band_statistics(Path(dataset_dir) / "test")
-        test_bands = test_bands[test_bands["original_path"].isin(test_files["original_path"])]
-        bands = train_bands.columns.drop(["original_path", "label"])
-        rows.append(
-            dict(
-                feature=SPECTRAL_ENVELOPE,
-                kind="spectral envelope",
-                test_eer=trivial_classifier_eer(
-                    train_bands[bands], train_bands["label"], test_bands[bands], test_bands["label"]
-                ),
-            )
-        )
+        rows += envelope_rows(dataset_dir, test_files, per_kind)
     return pd.DataFrame(rows, columns=["feature", "test_eer", "kind"])
+
+
+def envelope_rows(dataset_dir, test_files, per_kind):
+    """The audit's spectral-envelope rows: its test EER on all of `test_files`, and with `per_kind` on
+    their real files against each kind of fake."""
+    train = band_statistics(Path(dataset_dir) / "train")
+    test = band_statistics(Path(dataset_dir) / "test")
+    test = test[test["original_path"].isin(test_files["original_path"])].reset_index(drop=True)
+    bands = train.columns.drop(["original_path", "label"])
+    p_fake = trivial_classifier_p_fake(train[bands], train["label"], test[bands])
+    labels = test["label"].to_numpy()
+    rows = [dict(feature=SPECTRAL_ENVELOPE, test_eer=eer_of_p_fake(labels, p_fake), kind="spectral envelope")]
+    if per_kind:
+        attack = test["original_path"].map(test_files.set_index("original_path")["attack"]).to_numpy()
+        for kind in sorted(pd.unique(attack[(labels == 1) & pd.notna(attack)])):
+            chosen = (labels == 0) | (attack == kind)
+            rows.append(
+                dict(
+                    feature=f"{SPECTRAL_ENVELOPE}: real against {kind}",
+                    test_eer=eer_of_p_fake(labels[chosen], p_fake[chosen]),
+                    kind=ENVELOPE_PER_KIND,
+                )
+            )
+    return rows
 
 
 # Introduced in notebook 04_evaluate.
@@ -2752,52 +2745,74 @@ def _write_view(metadata, dataset_dir, view_dir, note):
         handle.write((Path(dataset_dir) / "preparation.json").read_bytes())
 
 
+def fold_splits(metadata, k=5, seed=DataConfig.SEED):
+    """{"fold<i>": each segment's split in fold i}: the speakers of fold i (speaker_folds) are the test
+    split, those of fold i + 1 the validation split, the rest train."""
+    folds = speaker_groups(metadata).map(speaker_folds(metadata, k, seed)).to_numpy()
+    return {
+        f"fold{fold}": np.where(folds == fold, "test", np.where(folds == (fold + 1) % k, "val", "train"))
+        for fold in range(k)
+    }
+
+
 # Introduced in notebook 07_generalisation.
 def write_fold_datasets(dataset_dir, out_dir, k=5, seed=DataConfig.SEED):
-    """The prepared dataset in `dataset_dir` as k speaker-disjoint cross-validation folds: in fold i the
-    speakers of fold i are the test split, those of fold i + 1 the validation split, the rest train.
+    """The prepared dataset in `dataset_dir` as k speaker-disjoint cross-validation folds (fold_splits).
     Each fold is written as `out_dir/fold<i>/<dataset name>/` with split tables that point at the
     prepared arrays (nothing is decoded or copied; prepare the dataset again first if it changed, and
     train with per-spectrogram normalisation: a view holds no normalization.json). Returns {"fold<i>":
     the folder to train with as TrainingConfig.cache_dir}."""
     metadata = read_dataset_metadata(dataset_dir)
-    folds = speaker_groups(metadata).map(speaker_folds(metadata, k, seed))
     cache_dirs = {}
-    for fold in range(k):
-        view_split = np.where(folds == fold, "test", np.where(folds == (fold + 1) % k, "val", "train"))
-        cache_dir = Path(out_dir) / f"fold{fold}"
-        _write_view(
-            metadata.assign(view_split=view_split),
-            dataset_dir,
-            cache_dir / Path(dataset_dir).name,
-            f"fold {fold} of {k}",
-        )
-        cache_dirs[cache_dir.name] = cache_dir
+    for fold, view_split in fold_splits(metadata, k, seed).items():
+        cache_dirs[fold] = Path(out_dir) / fold
+        view = metadata.assign(view_split=view_split)
+        _write_view(view, dataset_dir, cache_dirs[fold] / Path(dataset_dir).name, f"{fold} of {k}")
     return cache_dirs
 
 
+def held_out_view(metadata, attack):
+    """`metadata` (with its `view_split`) with the fakes of `attack` held out: none in train or val, and
+    in test only they, beside the test split's real files. Where the corpus names the person whose
+    prompt a fake reads or copies (`prompt_speaker`), the held-out fakes tested are those of the test
+    persons' prompts, whichever voice reads them, so the held-out kind says the same texts as the real
+    files it is judged against; otherwise those in the test split."""
+    fake, in_test = metadata["label"] == 1, metadata["view_split"] == "test"
+    held_out = fake & (metadata["attack"] == attack)
+    tested = in_test
+    if "prompt_speaker" in metadata:
+        test_persons = set(speaker_groups(metadata[in_test & ~fake]))
+        named = metadata["prompt_speaker"].notna()
+        tested = (named & metadata["prompt_speaker"].isin(test_persons)) | (~named & in_test)
+    kept = ~fake | (~held_out & ~in_test) | (held_out & tested)
+    return metadata[kept].assign(view_split=lambda view: view["view_split"].mask(held_out[kept], "test"))
+
+
 # Introduced in notebook 07_generalisation.
-def write_attack_holdout_datasets(dataset_dir, out_dir):
-    """Leave one attack out: for each kind of fake in the prepared dataset in `dataset_dir`, a view
-    whose train and validation splits hold no fake of that kind, and whose test split holds the test
-    split's real files and that kind's fakes only; the persons stay in the splits they were prepared
-    in. Written as `out_dir/<attack>/<dataset name>/`. Returns {attack: the folder to train with as
-    TrainingConfig.cache_dir}."""
+def write_attack_holdout_datasets(dataset_dir, out_dir, attacks=None, k=None, seed=DataConfig.SEED):
+    """Leave one attack out: for each kind of fake in the prepared dataset in `dataset_dir` (or each of
+    `attacks`), a view of it held out (held_out_view): on the prepared split, written as
+    `out_dir/<attack>/<dataset name>/` and named <attack>; or, given `k`, crossed with the k speaker
+    folds of write_fold_datasets, so the held-out kind is also tested on persons never heard, written
+    as `out_dir/fold<i>/<attack>/<dataset name>/` and named fold<i>_<attack>. Returns {name: the folder
+    to train with as TrainingConfig.cache_dir}."""
     metadata = read_dataset_metadata(dataset_dir)
-    attacks = sorted(metadata.loc[metadata["label"] == 1, "attack"].dropna().unique())
+    present = sorted(metadata.loc[metadata["label"] == 1, "attack"].dropna().unique())
+    unknown = sorted(set(attacks or ()) - set(present))
+    if unknown:
+        raise ValueError(f"no fakes of kind {unknown} in {dataset_dir}; it holds {present}")
+    splits = fold_splits(metadata, k, seed) if k else {"": metadata["split"].to_numpy()}
     cache_dirs = {}
-    for attack in attacks:
-        held_out = (metadata["label"] == 1) & (metadata["attack"] == attack)
-        other_fakes_in_test = (metadata["split"] == "test") & (metadata["label"] == 1) & ~held_out
-        kept = metadata[~(held_out & (metadata["split"] != "test")) & ~other_fakes_in_test]
-        cache_dir = Path(out_dir) / attack
-        _write_view(
-            kept.assign(view_split=kept["split"]),
-            dataset_dir,
-            cache_dir / Path(dataset_dir).name,
-            f"{attack} held out",
-        )
-        cache_dirs[attack] = cache_dir
+    for fold, view_split in splits.items():
+        for attack in attacks or present:
+            name = f"{fold}_{attack}" if fold else attack
+            cache_dirs[name] = Path(out_dir) / fold / attack
+            _write_view(
+                held_out_view(metadata.assign(view_split=view_split), attack),
+                dataset_dir,
+                cache_dirs[name] / Path(dataset_dir).name,
+                f"{attack} held out" + (f", {fold} of {k}" if fold else ""),
+            )
     return cache_dirs
 
 

@@ -1,7 +1,7 @@
 """Detection on a real corpus: file-level test EER, pooled and per kind of fake, over several seeds,
 beside the shortcut audit and the LFCC-GMM baseline, with the training time of each run; on the
-prepared split, over k speaker-disjoint folds (`--folds K`), or with each kind of fake held out of
-training in turn (`--leave-one-attack-out`).
+prepared split, over k speaker-disjoint folds (`--folds K`), with each kind of fake held out of
+training in turn (`--leave-one-attack-out`), or both crossed.
 
 Prepares the corpus once (cached), trains each model size once per seed (and fold) with the default
 recipe (`--original` for the original notebook's), scores the test split per file, and writes
@@ -20,6 +20,7 @@ recipe (`--original` for the original notebook's), scores the test split per fil
     .venv/bin/python benchmarks/detection.py --models ViT_Small CNN_Small --gmm --seeds 42 \\
         --leave-one-attack-out --name leave_one_attack_out
     .venv/bin/python benchmarks/detection.py --seeds 42 --leave-one-attack-out tts_piper --name neural_tts_out
+    .venv/bin/python benchmarks/detection.py --models --folds 5 --leave-one-attack-out --name audit_held_out
 """
 
 from __future__ import annotations
@@ -146,20 +147,20 @@ def main():
         help="DataConfig fields to change, e.g. TIME_MASK_MAX_WIDTH=30 "
         "(a front-end change needs its own --cache-dir)",
     )
-    judged = parser.add_mutually_exclusive_group()
-    judged.add_argument(
+    parser.add_argument(
         "--folds",
         type=int,
         default=None,
         metavar="K",
         help="judge by K-fold cross-validation over the recorded persons instead of the prepared split",
     )
-    judged.add_argument(
+    parser.add_argument(
         "--leave-one-attack-out",
         nargs="*",
         default=None,
         metavar="ATTACK",
-        help="train without each kind of fake in turn and test on it; name kinds to hold out only those",
+        help="train without each kind of fake in turn and test on it; name kinds to hold out only those; "
+        "with --folds, in every fold",
     )
     parser.add_argument(
         "--splits",
@@ -262,17 +263,21 @@ def run_record(args, recipe, data_config, rows, audits, tested_persons):
 
 
 def judged_splits(args, dataset_dir):
-    """{split name: the cache folder of its dataset}: the prepared split, K fold views or one view per
-    held-out kind of fake (written beside the prepared dataset, under <cache>/views/)."""
+    """{split name: the cache folder of its dataset}: the prepared split, K fold views, one view per
+    held-out kind of fake, or both crossed (written beside the prepared dataset, under <cache>/views/)."""
     views = Path(args.cache_dir) / "views"
+    if args.leave_one_attack_out is not None:
+        try:
+            return vit_lib.write_attack_holdout_datasets(
+                dataset_dir,
+                views / (f"{args.folds}_folds_held_out" if args.folds else "held_out"),
+                args.leave_one_attack_out,
+                args.folds,
+            )
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     if args.folds:
         return vit_lib.write_fold_datasets(dataset_dir, views / f"{args.folds}_folds", args.folds)
-    if args.leave_one_attack_out is not None:
-        views = vit_lib.write_attack_holdout_datasets(dataset_dir, views / "held_out")
-        unknown = sorted(set(args.leave_one_attack_out) - set(views))
-        if unknown:
-            raise SystemExit(f"no fakes of kind {unknown} in {dataset_dir}; it holds {sorted(views)}")
-        return {attack: views[attack] for attack in args.leave_one_attack_out or views}
     return {"prepared": Path(args.cache_dir)}
 
 
@@ -283,13 +288,7 @@ def split_audit(dataset_dir):
     train_files, test_files = (
         vit_lib.pool_file_scores(metadata[metadata["split"] == split]) for split in ("train", "test")
     )
-    return pd.concat(
-        [
-            vit_lib.shortcut_audit(train_files, test_files, dataset_dir=dataset_dir),
-            vit_lib.envelope_eer_per_kind(dataset_dir, test_files),
-        ],
-        ignore_index=True,
-    )
+    return vit_lib.shortcut_audit(train_files, test_files, dataset_dir=dataset_dir, per_kind=True)
 
 
 def in_current_form(record):

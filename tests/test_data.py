@@ -744,10 +744,30 @@ def test_in_the_wild_corpus_prepares_by_speaker_and_reports_bad_rows(tmp_path):
     by_path = every.set_index("original_path")
     assert by_path.loc["0.wav", "label"] == 0 and by_path.loc["1.wav", "label"] == 1
     assert by_path.loc["0.wav", "attack"] == "-"
+    assert "prompt_speaker" not in every.columns, "a corpus that names none writes no such column"
     skipped_csv = pd.read_csv(dataset_dir / "skipped.csv")
     assert len(skipped_csv) == 2 and summary["skipped_files"] == 2
     assert skipped_csv["reason"].str.contains("neither 'bona-fide' nor 'spoof'").sum() == 1
     assert skipped_csv["reason"].str.contains("missing on disk").sum() == 1
+
+
+def test_in_the_wild_prompt_speakers_reach_the_prepared_tables_spelled_as_the_speakers(tmp_path):
+    root = make_in_the_wild_corpus(tmp_path / "itw")
+    meta = pd.read_csv(root / "meta.csv")
+    # every fake reads the prompt of the next person; one spelling differs only in case and spaces
+    meta["prompt_speaker"] = [
+        f"Famous Person {(int(f[:-4]) // 2 + fake) % 6}"
+        for f, fake in zip(meta["file"], meta["label"] == "spoof")
+    ]
+    meta.loc[meta["file"] == "1.wav", "prompt_speaker"] = "famous  person 1"
+    meta.to_csv(root / "meta.csv", index=False)
+    files, _ = read_corpus("in_the_wild", root)
+    assert files["prompt_speaker"].notna().all()
+    assert files.loc[files["path"].str.endswith("/1.wav"), "prompt_speaker"].item() == "Famous Person 1"
+    prepare(root, tmp_path / "cache", "in_the_wild")
+    every = read_prepared(tmp_path / "cache" / DATASET).drop_duplicates("original_path")
+    by_path = every.set_index("original_path")["prompt_speaker"]
+    assert by_path["0.wav"] == "Famous Person 0" and by_path["3.wav"] == "Famous Person 2"
 
 
 # ---------------------------------------------------------------- 5. splits

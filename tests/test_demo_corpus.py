@@ -43,7 +43,8 @@ def utterance(seconds, f0, sr, seed=0):
 
 @dataclasses.dataclass(frozen=True)
 class StandInVoice:
-    """Speaks any text as a harmonic signal whose length follows the text; picklable for the pool."""
+    """Speaks any text as a harmonic signal whose length follows the text and the rate asked for;
+    picklable for the pool."""
 
     engine: str
     name: str
@@ -55,8 +56,8 @@ class StandInVoice:
     def speaker(self):
         return f"{self.engine}:{self.name}"
 
-    def synthesize(self, text):
-        audio = utterance(0.6 + 0.04 * len(text), 90 + 10 * len(self.name), TTS_RATE)
+    def synthesize(self, text, stretch=1.0):
+        audio = utterance((0.6 + 0.04 * len(text)) * stretch, 90 + 10 * len(self.name), TTS_RATE)
         return (audio * 0 if self.silent else audio), TTS_RATE
 
 
@@ -208,6 +209,17 @@ def test_copies_keep_their_source_speaker_and_voices_are_their_own_speakers(corp
     assert (tts["speaker"] == tts["engine"] + ":" + tts["voice"]).all()
 
 
+def test_every_file_names_the_person_whose_prompt_it_reads_or_copies(corpus):
+    meta = pd.read_csv(corpus / "meta.csv")
+    real = meta[meta["label"] == "bona-fide"]
+    assert (real["prompt_speaker"] == real["speaker"]).all()
+    recorded_stem = real.set_index(real["file"].str.extract(r"([^/]+)\.wav$")[0])["speaker"]
+    fakes = meta[meta["label"] == "spoof"]
+    read_stem = fakes["file"].str.extract(r"([^/]+?)(?:--[^/]*)?\.wav$")[0]
+    assert (fakes["prompt_speaker"].to_numpy() == recorded_stem[read_stem].to_numpy()).all()
+    assert fakes["prompt_speaker"].nunique() > 1
+
+
 def test_two_recordings_that_would_share_a_file_name_are_refused(prompts):
     twin = dataclasses.replace(prompts[0], speaker="asterisk:Someone", paths=prompts[1].paths)
     with pytest.raises(dc.CorpusBuildError, match="same output file"):
@@ -283,9 +295,9 @@ class CountingVoice(StandInVoice):
         super().__init__(*args, **kwargs)
         object.__setattr__(self, "read", [])
 
-    def synthesize(self, text):
+    def synthesize(self, text, stretch=1.0):
         self.read.append(text)
-        return super().synthesize(text)
+        return super().synthesize(text, stretch)
 
 
 def silent_runs(audio, shortest=400):
@@ -300,9 +312,23 @@ def test_a_voice_reads_joined_words_one_at_a_time_with_the_recordings_pauses(wor
     voice = CountingVoice("espeak-ng", "de", "de")
     fake = dc.source_audio(dc.Clip("wav/tts_espeak/x.wav", "tts_espeak", prompt, voice))
     real = dc.source_audio(dc.Clip("wav/real/x.wav", dc.REAL_KIND, prompt))
-    assert voice.read == prompt.transcript.split(dc.WORD_SEPARATOR) and len(voice.read) == len(prompt.paths)
+    words = prompt.transcript.split(dc.WORD_SEPARATOR)
+    assert [text for i, text in enumerate(voice.read) if voice.read[i - 1 : i] != [text]] == words
+    assert len(words) == len(prompt.paths)
     pauses = silent_runs(real)
     assert len(pauses) == len(prompt.paths) - 1 and silent_runs(fake) == pauses
+
+
+def test_a_voice_reads_each_word_and_sentence_as_long_as_it_was_recorded(words, prompts):
+    voice = StandInVoice("espeak-ng", "de", "de")
+    word_prompt = next(p for p in words if p.language == "de" and not p.narrowband)
+    sentence = next(p for p in prompts if p.language == "en" and p.transcript)
+    for prompt in (word_prompt, sentence):
+        fake = dc.source_audio(dc.Clip("wav/tts_espeak/x.wav", "tts_espeak", prompt, voice))
+        real = dc.source_audio(dc.Clip("wav/real/x.wav", dc.REAL_KIND, prompt))
+        assert len(dc.trimmed_speech(fake)) == pytest.approx(len(dc.trimmed_speech(real)), rel=0.1)
+    stretched = len(dc.spoken(voice, "word", 100.0)) / dc.SR / (len(voice.synthesize("word")[0]) / TTS_RATE)
+    assert stretched == pytest.approx(dc.MAX_STRETCH, rel=0.01), "the rate changes by at most MAX_STRETCH"
 
 
 def test_a_folder_another_edition_made_is_remade_whole(corpus, prompts, words, tmp_path):

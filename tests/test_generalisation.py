@@ -189,6 +189,10 @@ def test_the_detection_benchmark_holds_out_only_the_kinds_of_fake_it_is_given(
     assert len(every_kind) >= 2
     args.leave_one_attack_out = [sorted(every_kind)[-1]]
     assert list(detection.judged_splits(args, dataset_dir)) == args.leave_one_attack_out
+    args.folds = 3
+    crossed = detection.judged_splits(args, dataset_dir)
+    assert list(crossed) == [f"fold{i}_{args.leave_one_attack_out[0]}" for i in range(3)]
+    args.folds = None
     args.leave_one_attack_out = ["no_such_kind"]
     with pytest.raises(SystemExit, match=r"no fakes of kind \['no_such_kind'\]"):
         detection.judged_splits(args, dataset_dir)
@@ -220,3 +224,57 @@ def test_records_of_different_folds_merge_into_one_cross_validation(detection, t
     assert table.set_index("model").loc["LFCC-GMM (64)"].tolist() == ["not run", 0.2]
     with pytest.raises(SystemExit, match="audits of fold0 differs"):
         detection.merged_record([record("fold0", 0.1, 0.5), record("fold0", 0.2, 0.45)])
+
+
+def test_a_held_out_kind_is_tested_on_the_test_persons_prompts_whichever_voice_reads_them():
+    metadata = pd.DataFrame(
+        dict(
+            original_path=[f"{i}.wav" for i in range(9)],
+            label=[0, 0, 0, 1, 1, 1, 1, 1, 1],
+            speaker=["ann", "bob", "cid", "ann", "tts:x", "tts:y", "tts:y", "tts:z", "bob"],
+            attack=["-", "-", "-", "vocoder", "tts", "tts", "tts", "other_tts", "vocoder"],
+            prompt_speaker=["ann", "bob", "cid", "ann", "ann", "bob", "cid", "ann", "bob"],
+            view_split=["test", "train", "val", "test", "train", "test", "val", "test", "train"],
+        )
+    )
+    view = vit_lib.held_out_view(metadata, "tts").set_index("original_path")["view_split"]
+    # ann is tested: her prompt read by tts:x (a train voice) is tested, the held-out kind's other
+    # readings are dropped, another kind's fakes leave test, and the other kinds' training fakes stay
+    assert view.to_dict() == {
+        "0.wav": "test",
+        "1.wav": "train",
+        "2.wav": "val",
+        "4.wav": "test",
+        "8.wav": "train",
+    }
+    without_prompts = vit_lib.held_out_view(metadata.drop(columns="prompt_speaker"), "tts")
+    assert without_prompts.set_index("original_path")["view_split"].to_dict() == {
+        "0.wav": "test",
+        "1.wav": "train",
+        "2.wav": "val",
+        "5.wav": "test",
+        "8.wav": "train",
+    }
+
+
+def test_held_out_kinds_crossed_with_folds_test_every_kind_on_every_folds_persons(dataset_dir, tmp_path):
+    folds = vit_lib.write_fold_datasets(dataset_dir, tmp_path / "folds", k=4, seed=0)
+    attacks = sorted(vit_lib.read_dataset_metadata(dataset_dir).query("label == 1")["attack"].unique())
+    crossed = vit_lib.write_attack_holdout_datasets(dataset_dir, tmp_path / "crossed", k=4, seed=0)
+    assert sorted(crossed) == sorted(f"{fold}_{attack}" for fold in folds for attack in attacks)
+    for fold, fold_dir in folds.items():
+        whole = vit_lib.read_dataset_metadata(fold_dir / DATASET)
+        for attack in attacks:
+            view = vit_lib.read_dataset_metadata(crossed[f"{fold}_{attack}"] / DATASET)
+            training, test = view[view["split"] != "test"], view[view["split"] == "test"]
+            assert not (training["attack"] == attack).any() and (training["label"] == 1).any()
+            assert set(test.loc[test["label"] == 1, "attack"]) == {attack}
+            kept = ["original_path", "segment_index", "split"]
+            held_out = (whole["label"] == 1) & (whole["attack"] == attack)
+            expected = whole[(whole["label"] == 0) | (held_out == (whole["split"] == "test"))]
+            assert (
+                view[kept].sort_values(kept).values.tolist()
+                == expected[kept].sort_values(kept).values.tolist()
+            )
+    with pytest.raises(ValueError, match=r"no fakes of kind \['A99'\]"):
+        vit_lib.write_attack_holdout_datasets(dataset_dir, tmp_path / "none", attacks=["A99"])

@@ -20,7 +20,9 @@ CLASS_NAMES = ["Real", "Fake"]
 CORPORA = ("folder", "asvspoof2019_la", "fake_or_real", "in_the_wild")
 
 
-CORPUS_COLUMNS = ["path", "label", "speaker", "attack", "source", "split"]
+# prompt_speaker: the recorded person whose prompt a fake reads or whose recording it copies, where a
+# corpus names one (leave-one-attack-out then tests a held-out kind on the test persons' own prompts).
+CORPUS_COLUMNS = ["path", "label", "speaker", "attack", "source", "split", "prompt_speaker"]
 
 
 BONAFIDE_ATTACK = "-"
@@ -250,8 +252,9 @@ def read_fake_or_real(root):
 
 def read_in_the_wild(root):
     """`meta.csv` with columns file,speaker,label (bona-fide | spoof) and optional columns `attack` (the
-    kind of fake; bona-fide rows keep "-") and `split` (train | val | test, where the corpus ships one;
-    without it assign_splits makes a speaker-disjoint one)."""
+    kind of fake; bona-fide rows keep "-"), `split` (train | val | test, where the corpus ships one;
+    without it assign_splits makes a speaker-disjoint one) and `prompt_speaker` (the recorded person
+    whose prompt a file reads or whose recording it copies)."""
     root = Path(root)
     _require_dir(root, "In-the-Wild root")
     meta_path = root / "meta.csv"
@@ -279,6 +282,7 @@ def read_in_the_wild(root):
             skipped.append((f"{meta_path}:{number}", f"split {split!r} is none of {list(SPLITS)}"))
             continue
         attack = getattr(entry, "attack", None) if label == "spoof" else BONAFIDE_ATTACK
+        prompt_speaker = getattr(entry, "prompt_speaker", None)
         rows.append(
             dict(
                 path=str(path),
@@ -287,6 +291,7 @@ def read_in_the_wild(root):
                 attack=None if pd.isna(attack) else attack,
                 source="in_the_wild",
                 split=split,
+                prompt_speaker=None if pd.isna(prompt_speaker) else prompt_speaker,
             )
         )
     return pd.DataFrame(rows, columns=CORPUS_COLUMNS), skipped
@@ -304,7 +309,8 @@ def read_corpus(corpus, root, speaker_pattern=None):
     if corpus not in readers:
         raise ValueError(f"Unknown corpus {corpus!r}; choose one of {list(readers)}")
     files, skipped = readers[corpus]()
-    files["speaker"] = normalised_speakers(files["speaker"])
+    names = normalised_speakers(pd.concat([files["speaker"], files["prompt_speaker"]], ignore_index=True))
+    files["speaker"], files["prompt_speaker"] = names[: len(files)].to_numpy(), names[len(files) :].to_numpy()
     files, repeats = _inside_root_once(files, Path(root))
     unnamable = ~files["path"].map(is_utf8)  # ids, tables and score files need names in one encoding
     skipped += [

@@ -17,8 +17,9 @@ from one distribution, one G.722 encode/decode at 64 kbit/s, 16 kHz mono 16-bit 
 recording made below 16 kHz gets the recording's band. So band, codec, level and leading silence say
 nothing about the class.
 
-Writes the In-the-Wild layout: meta.csv (file,speaker,label plus attack, the kind of fake, and split,
-a speaker-disjoint train/val/test split), sources.csv (where each file comes from), licences/ (the
+Writes the In-the-Wild layout: meta.csv (file,speaker,label plus attack, the kind of fake, split, a
+speaker-disjoint train/val/test split, and prompt_speaker, the recorded person whose prompt a file reads
+or whose recording it copies), sources.csv (where each file comes from), licences/ (the
 packages' copyright files), checksums.sha256 and edition.txt (which recipe made the files).
 Deterministic: a rebuild on one machine gives the same checksums (another CPU's floating point may
 change some files slightly). Resumable: finished files of this edition are kept; files an earlier
@@ -97,10 +98,10 @@ ESPEAK_VOICES = {
 # flite has four 16 kHz voices (its `kal` is 8 kHz: left out, so that no fake speaker is recognisable by
 # its band alone); each also speaks slower, as espeak-ng's variants do, so that flite has as many
 # speakers to spread over the splits as the vocoders have.
-FLITE_VOICES = {
-    f"{voice}{variant}": (voice, *settings)
+FLITE_VOICES = {  # name: (flite's voice, its duration stretch)
+    f"{voice}{variant}": (voice, stretch)
     for voice in ("slt", "rms", "awb", "kal16")
-    for variant, settings in (("", ()), ("+slow", ("--setf", "duration_stretch=1.2")))
+    for variant, stretch in (("", 1.0), ("+slow", 1.2))
 }
 ENGINE_PACKAGES = {
     "espeak-ng": ("espeak-ng", "libespeak-ng1", "espeak-ng-data"),
@@ -114,8 +115,14 @@ WORD_PAUSE_SECONDS = (0.1, 0.35)  # between words recorded apart
 WORD_SEPARATOR = ", "  # between the words of a joined-word prompt's texts
 MIN_WORD_LETTERS = 3  # shorter words of a translation (articles, particles) are not read alone
 # Raised whenever a change of recipe changes files, so that a resumed build cannot mix recipes. 3: the
-# voices read joined-word prompts word by word, with the recording's pauses.
-EDITION = 3
+# voices read joined-word prompts word by word, with the recording's pauses. 4: each word or sentence a
+# voice reads lasts as long as the recording's.
+EDITION = 4
+# The voices spoke the recorded words about a second faster per prompt than the persons did, so a clip's
+# length told the class. A voice now reads each word (each sentence) again at the rate that makes it last
+# as long as the recording's, changed by at most this factor either way.
+MAX_STRETCH = 1.8
+ESPEAK_WORDS_PER_MINUTE = 175  # espeak-ng's own rate
 EDITION_FILE = "edition.txt"
 # Gettext contexts (KDE's convention) whose messages are the translators' names and addresses.
 TRANSLATOR_CREDITS = ("NAME OF TRANSLATORS", "EMAIL OF TRANSLATORS")
@@ -128,7 +135,7 @@ HIGH_PASS_HZ = 60  # below the voice; removes the DC a pulse-train vocoder or an
 REAL_KIND = "bona-fide"
 BONAFIDE_ATTACK = "-"
 VOCODERS = ("vocoder_griffinlim", "vocoder_lpc", "vocoder_world", "vocoder_mlsa")
-META_COLUMNS = ["file", "speaker", "label", "attack", "split"]
+META_COLUMNS = ["file", "speaker", "label", "attack", "split", "prompt_speaker"]
 HELD_OUT_SHARE = 0.15  # of each group's speakers, for val and for test (at least one each)
 SOURCE_COLUMNS = [
     "file",
@@ -724,7 +731,8 @@ VOCODER_FUNCTIONS = {
 @dataclasses.dataclass(frozen=True)
 class CommandVoice:
     """A voice of a command-line synthesiser; `{text}` and `{wav}` in argv name a text file to read
-    and a WAV file to write."""
+    and a WAV file to write, `{stretch}` and `{words_per_minute}` the rate (the voice's own `stretch`
+    times the one asked for, as a factor of duration or as espeak-ng's words per minute)."""
 
     engine: str
     name: str
@@ -732,17 +740,29 @@ class CommandVoice:
     package: Package
     argv: tuple
     env: tuple = ()
+    stretch: float = 1.0
 
     @property
     def speaker(self):
         return f"{self.engine}:{self.name}"
 
-    def synthesize(self, text):
-        """Returns (float32 samples, sample rate)."""
+    def synthesize(self, text, stretch=1.0):
+        """Returns (float32 samples, sample rate); `stretch` lengthens the speech by that factor."""
+        stretch *= self.stretch
         with tempfile.TemporaryDirectory() as tmp:
             text_file, wav_file = Path(tmp) / "text.txt", Path(tmp) / "speech.wav"
             text_file.write_text(text + "\n")
-            argv = [a.replace("{text}", str(text_file)).replace("{wav}", str(wav_file)) for a in self.argv]
+            fields = {
+                "{text}": str(text_file),
+                "{wav}": str(wav_file),
+                "{stretch}": f"{stretch:.3f}",
+                "{words_per_minute}": str(round(ESPEAK_WORDS_PER_MINUTE / stretch)),
+            }
+            argv = []
+            for argument in self.argv:
+                for placeholder, value in fields.items():
+                    argument = argument.replace(placeholder, value)
+                argv.append(argument)
             done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **dict(self.env)})
             if done.returncode != 0 or not wav_file.is_file():
                 raise CorpusBuildError(
@@ -780,8 +800,8 @@ class PiperVoice:
     def speaker(self):
         return f"{self.engine}:{self.name}"
 
-    def synthesize(self, text):
-        """Returns (float32 samples, sample rate)."""
+    def synthesize(self, text, stretch=1.0):
+        """Returns (float32 samples, sample rate); `stretch` lengthens the speech by that factor."""
         piper = optional_module("piper", "piper-tts")
         # The model draws its noise inside onnxruntime, whose generator is seeded when a session is
         # made: a session per text, seeded by the text, makes a file the same whatever ran before it.
@@ -789,6 +809,7 @@ class PiperVoice:
         model = piper.PiperVoice.load(self.model_path)
         jitter = np.random.default_rng(stable_hash(self.name, text)).uniform(0.85, 1.15, size=3)
         length, noise, noise_width = (scale * factor for scale, factor in zip(self.scales, jitter))
+        length *= stretch
         config = piper.SynthesisConfig(length_scale=length, noise_scale=noise, noise_w_scale=noise_width)
         chunks = [chunk.audio_float_array for chunk in model.synthesize(text, syn_config=config)]
         if not chunks:
@@ -838,18 +859,16 @@ def engine_voices(engine, folders, package):
     if engine == "espeak-ng":
         data = next((p.parent for f in folders for p in Path(f).glob("usr/lib/*/espeak-ng-data")), None)
         base = (binary,) + ((f"--path={data}",) if data else ())
+        argv = ("-s", "{words_per_minute}", "-w", "{wav}", "-f", "{text}")
         return [
-            CommandVoice(
-                engine, voice, language, package, base + ("-v", voice, "-w", "{wav}", "-f", "{text}"), env
-            )
+            CommandVoice(engine, voice, language, package, base + ("-v", voice, *argv), env)
             for language, voices in ESPEAK_VOICES.items()
             for voice in voices
         ]
+    argv = ("--setf", "duration_stretch={stretch}", "-f", "{text}", "-o", "{wav}")
     return [
-        CommandVoice(
-            engine, name, "en", package, (binary, "-voice", *settings, "-f", "{text}", "-o", "{wav}"), env
-        )
-        for name, settings in FLITE_VOICES.items()
+        CommandVoice(engine, name, "en", package, (binary, "-voice", voice, *argv), env, stretch)
+        for name, (voice, stretch) in FLITE_VOICES.items()
     ]
 
 
@@ -993,22 +1012,35 @@ def plan_clips(prompts, voices):
 
 
 # ---------------------------------------------------------------- build
-def spoken(voice, text):
-    """A voice reading `text`, as float32 mono at 16 kHz."""
-    audio, sr = voice.synthesize(text)
-    if audio.ndim > 1:
-        audio = audio.mean(axis=1)
-    return soxr.resample(audio, sr, SR) if sr != SR else audio
+def spoken(voice, text, seconds):
+    """A voice reading `text`, as float32 mono at 16 kHz, at the rate that makes its speech last about
+    `seconds` (read once at its own rate, and again stretched by at most MAX_STRETCH either way)."""
+
+    def read(stretch):
+        audio, sr = voice.synthesize(text, stretch)
+        if audio.ndim > 1:
+            audio = audio.mean(axis=1)
+        return soxr.resample(audio, sr, SR) if sr != SR else audio
+
+    audio = read(1.0)
+    natural = len(trimmed_speech(audio)) / SR
+    if natural == 0:
+        return audio
+    stretch = float(np.clip(seconds / natural, 1 / MAX_STRETCH, MAX_STRETCH))
+    return audio if abs(stretch - 1) < 0.05 else read(stretch)
 
 
 def source_audio(clip):
     """The clip's audio at 16 kHz before the common last steps. Every copy of a narrowband recording,
     synthetic or vocoded, is band-limited as the recording is."""
     if clip.voice is not None and clip.prompt.words_apart:
-        words = clip.text.split(WORD_SEPARATOR)
-        audio = joined_with_pauses([spoken(clip.voice, word) for word in words], clip.prompt)
+        recorded = [len(trimmed_speech(decode_recording(path))) / SR for path in clip.prompt.paths]
+        words = clip.text.split(WORD_SEPARATOR)  # the i-th word lasts as long as the i-th word recorded
+        audio = joined_with_pauses(
+            [spoken(clip.voice, word, seconds) for word, seconds in zip(words, recorded)], clip.prompt
+        )
     elif clip.voice is not None:
-        audio = spoken(clip.voice, clip.text)
+        audio = spoken(clip.voice, clip.text, len(trimmed_speech(recorded_speech(clip.prompt))) / SR)
     else:
         audio = recorded_speech(clip.prompt)
         if clip.kind != REAL_KIND:
@@ -1141,6 +1173,7 @@ def write_tables(clips, out_dir):
                 label="bona-fide" if c.kind == REAL_KIND else "spoof",
                 attack=BONAFIDE_ATTACK if c.kind == REAL_KIND else c.kind,
                 language=c.language,
+                prompt_speaker=c.prompt.speaker,
             )
             for c in clips
         ]

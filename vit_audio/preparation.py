@@ -52,6 +52,7 @@ METADATA_COLUMNS = [
     "speaker",
     "attack",
     "source",
+    "prompt_speaker",  # written only by a corpus that names them (vit_audio.corpora.CORPUS_COLUMNS)
     "file_id",
     *CLIP_FACTS,
     "filled_fraction",
@@ -325,6 +326,7 @@ def write_dataset_tables(out_dir, files, done, reader_skips, norm_epsilon):
                     speaker=row.speaker,
                     attack=row.attack,
                     source=row.source,
+                    prompt_speaker=row.prompt_speaker,
                     file_id=row.file_id,
                     **segment,
                 )
@@ -338,10 +340,9 @@ def write_dataset_tables(out_dir, files, done, reader_skips, norm_epsilon):
         "files left after decoding",
         f"the others are listed with their reasons in {display_path(out_dir / 'skipped.csv')}",
     )
+    columns = [c for c in METADATA_COLUMNS if c != "prompt_speaker" or metadata[c].notna().any()]
     for split in SPLITS:
-        save_csv_atomic(
-            out_dir / split / "metadata.csv", metadata.loc[metadata["split"] == split, METADATA_COLUMNS]
-        )
+        save_csv_atomic(out_dir / split / "metadata.csv", metadata.loc[metadata["split"] == split, columns])
     _remove_stale_arrays(out_dir, metadata)
     audit = split_audit(metadata) if len(metadata) else pd.DataFrame()
     save_csv_atomic(out_dir / "split_audit.csv", audit)
