@@ -33,7 +33,9 @@ TEST_LINE = re.compile(
 
 # ---------------------------------------------------------------- CNN
 @pytest.mark.parametrize("size", ["CNN_Small", "CNN_Medium", "CNN_Large"])
-@pytest.mark.parametrize("dataset_name", ["vit_balanced_dataset", "vit_performance_dataset"])
+@pytest.mark.parametrize(
+    "dataset_name", ["vit_balanced_dataset", "vit_performance_dataset", "vit_two_second_dataset"]
+)
 def test_audio_cnn_outputs_two_logits_for_each_size_and_dataset_shape(size, dataset_name):
     torch.manual_seed(0)
     width = vit_lib.SEGMENT_CONFIGS[dataset_name].max_frames_spec

@@ -261,7 +261,12 @@ def test_data_config_defaults_match_the_spec():
 
 @pytest.mark.parametrize(
     "name, seconds, overlap, frames",
-    [("vit_balanced_dataset", 8, 0.5, 256), ("vit_performance_dataset", 10, 0.0, 320)],
+    [
+        ("vit_balanced_dataset", 8, 0.5, 256),
+        ("vit_performance_dataset", 10, 0.0, 320),
+        ("vit_short_dataset", 4, 0.5, 128),
+        ("vit_two_second_dataset", 2, 0.0, 64),
+    ],
 )
 def test_segment_config_frames_are_rounded_up_to_whole_patches(name, seconds, overlap, frames):
     config = vit_lib.SEGMENT_CONFIGS[name]

@@ -148,7 +148,9 @@ def test_vit_small_parameter_count_is_2741698():
 TINY = dict(patch_size=(16, 16), dim=32, depth=2, heads=4, mlp_dim=64)
 
 
-@pytest.mark.parametrize("dataset_name", ["vit_balanced_dataset", "vit_performance_dataset"])
+@pytest.mark.parametrize(
+    "dataset_name", ["vit_balanced_dataset", "vit_performance_dataset", "vit_two_second_dataset"]
+)
 def test_audio_vit_outputs_two_logits_for_each_dataset_shape(dataset_name):
     torch.manual_seed(0)
     width = vit_lib.SEGMENT_CONFIGS[dataset_name].max_frames_spec
