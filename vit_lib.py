@@ -279,6 +279,14 @@ class TrainingConfig:
         choices=("none", "weighted_loss", "balanced_sampler"),
     )
     grad_clip_norm: float | None = setting(1.0, "clip the gradient norm to this (none: no clipping)")
+    # A one-class loss asks real speech to be compact and fakes only to lie elsewhere, so a kind of fake
+    # unheard in training need not resemble those heard to be found (OneClassSoftmaxLoss).
+    loss: str = setting(
+        "cross_entropy",
+        "two-class cross-entropy, or one_class: OC-Softmax on the cosine "
+        "with a learned direction of real speech",
+        choices=("cross_entropy", "one_class"),
+    )
     # Averaged weights smooth the step-to-step noise of small batches, so the best epoch is picked on a
     # steadier model.
     ema_decay: float | None = setting(
@@ -1048,6 +1056,20 @@ def custom_collate_fn(batch):
 # patches, attention, the transformer and the classifier (notebook 02)
 
 
+HEADS = ("linear", "one_class")
+# One-class learning (OC-Softmax): real embeddings are pulled to a cosine of at least the first margin
+# with a learned direction, fakes pushed below the second; the scale sharpens the loss.
+ONE_CLASS_MARGINS = (0.9, 0.2)
+ONE_CLASS_SCALE = 20.0
+
+
+def check_head(config):
+    if config.head not in HEADS:
+        raise ValueError(f"{config.name}: head must be one of {HEADS}, got {config.head!r}")
+    if config.head == "one_class" and config.num_classes != 2:
+        raise ValueError(f"{config.name}: the one-class head scores two classes, got {config.num_classes}")
+
+
 @dataclass
 class ViTConfig:
     """The Vision Transformer's shape: image and patch sizes (rows, columns), width, depth, heads.
@@ -1071,8 +1093,11 @@ class ViTConfig:
     # "conv": tokens from 3x3 convolutions (conv_patch_embedding); "linear": vit-pytorch's flattened
     # patch and linear layer. TrainingConfig.patch_embedding chooses for a training run.
     patch_embedding: str = "linear"
+    # The layer giving the logits (classifier_layer); TrainingConfig.loss chooses for a training run.
+    head: str = "linear"
 
     def __post_init__(self):
+        check_head(self)
         self.image_size, self.patch_size = list(self.image_size), list(self.patch_size)
         self.patch_stride = list(self.patch_stride or self.patch_size)
         if (self.image_height - self.patch_height) % self.stride_height or (
@@ -1123,7 +1148,7 @@ VIT_SIZES = {
 
 # Introduced in notebook 02_vit_walkthrough.
 def make_vit_config(model_size, image_size=(DataConfig.N_MELS, 256), patch_size=(16, 16), **options):
-    """A named size; `options` are ViTConfig's (patch_stride, patch_norm, pool, patch_embedding)."""
+    """A named size; `options` are ViTConfig's (patch_stride, patch_norm, pool, patch_embedding, head)."""
     if model_size not in VIT_SIZES:
         raise ValueError(f"Unknown model size {model_size!r}; choose one of {sorted(VIT_SIZES)}")
     return ViTConfig(model_size, image_size, patch_size, **VIT_SIZES[model_size], **options)
@@ -1255,6 +1280,30 @@ def conv_patch_embedding(config: ViTConfig):
     return nn.Sequential(*layers, nn.Conv2d(widths[-1], config.dim, 1), Rearrange("b d h w -> b (h w) d"))
 
 
+class OneClassHead(nn.Module):
+    """The cosine between an embedding and one learned direction, where real speech gathers, given
+    as two logits: scale/2 * (c, -c) with c the cosine less the margins' midpoint. Softmax then
+    gives the fake probability sigmoid(-scale * c), so scores, EERs and the verdict threshold work
+    as for a linear head. It computes in fp32 under autocast: the scale would magnify bf16's rounding."""
+
+    def __init__(self, in_features):
+        super().__init__()
+        self.direction = nn.Parameter(torch.randn(in_features) / in_features**0.5)
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            cosine = F.normalize(x.float(), dim=-1) @ F.normalize(self.direction.float(), dim=0)
+        half = ONE_CLASS_SCALE / 2 * (cosine - sum(ONE_CLASS_MARGINS) / 2)
+        return torch.stack((half, -half), dim=-1)
+
+
+def classifier_layer(in_features, config):
+    """The layer giving the two logits (real, fake) from a pooled embedding: linear, or OneClassHead."""
+    if config.head == "one_class":
+        return OneClassHead(in_features)
+    return nn.Linear(in_features, config.num_classes)
+
+
 # Introduced in notebook 02_vit_walkthrough.
 class AudioViT(nn.Module):
     """ViT over a log-mel spectrogram: 16x16 patches -> tokens, CLS token -> 2 logits (real, fake)."""
@@ -1277,7 +1326,7 @@ class AudioViT(nn.Module):
         self.transformer = Transformer(
             config.dim, config.depth, config.heads, config.dim // config.heads, config.mlp_dim, config.dropout
         )
-        self.mlp_head = nn.Sequential(nn.LayerNorm(config.dim), nn.Linear(config.dim, config.num_classes))
+        self.mlp_head = nn.Sequential(nn.LayerNorm(config.dim), classifier_layer(config.dim, config))
 
     def forward(self, img, return_attention=False):
         x = self.to_patch_embedding(img)  # (b, num_patches, dim)
@@ -1330,8 +1379,10 @@ class CNNConfig:
     blocks: list = field(default_factory=lambda: [2, 2, 2, 2])
     filters: list = field(default_factory=lambda: [64, 128, 256, 512])
     bottleneck: bool = False
+    head: str = "linear"  # as ViTConfig.head
 
     def __post_init__(self):
+        check_head(self)
         self.image_size, self.blocks, self.filters = (
             list(self.image_size),
             list(self.blocks),
@@ -1362,10 +1413,10 @@ CNN_SIZES = {
 }
 
 
-def make_cnn_config(model_size, image_size=(DataConfig.N_MELS, 256)):
+def make_cnn_config(model_size, image_size=(DataConfig.N_MELS, 256), head="linear"):
     if model_size not in CNN_SIZES:
         raise ValueError(f"Unknown model size {model_size!r}; choose one of {sorted(CNN_SIZES)}")
-    return CNNConfig(model_size, image_size, **CNN_SIZES[model_size])
+    return CNNConfig(model_size, image_size, **CNN_SIZES[model_size], head=head)
 
 
 def conv_bn(in_channels, out_channels, kernel_size, stride=1):
@@ -1441,9 +1492,7 @@ class AudioCNN(nn.Module):
                 stages.append(block(channels, width, stride=2 if stage > 0 and index == 0 else 1))
                 channels = width * block.expansion
         self.stages = nn.Sequential(*stages)
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, config.num_classes)
-        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), classifier_layer(channels, config))
 
     def forward(self, img):
         return self.head(self.stages(self.stem(img)))  # (b, 1, n_mels, frames) -> (b, 2)
@@ -1484,14 +1533,17 @@ def architecture_of(config):
 
 
 def make_model_config(
-    model_size, image_size=(DataConfig.N_MELS, 256), patch_embedding=TrainingConfig.patch_embedding
+    model_size,
+    image_size=(DataConfig.N_MELS, 256),
+    patch_embedding=TrainingConfig.patch_embedding,
+    head="linear",
 ):
     """A ViTConfig for ViT_Small/Medium/Large (with the recipe's patch embedding unless told), a CNNConfig
     for CNN_Small/Medium/Large."""
     if model_size in CNN_SIZES:
-        return make_cnn_config(model_size, image_size)
+        return make_cnn_config(model_size, image_size, head)
     if model_size in VIT_SIZES:
-        return make_vit_config(model_size, image_size, patch_embedding=patch_embedding)
+        return make_vit_config(model_size, image_size, patch_embedding=patch_embedding, head=head)
     raise ValueError(f"Unknown model size {model_size!r}; choose one of {[*VIT_SIZES, *CNN_SIZES]}")
 
 
@@ -1772,7 +1824,8 @@ def check_checkpoint_compatible(checkpoint, config, source="checkpoint"):
     """A clear error naming each setting where the checkpoint's model differs from `config` (a
     ViTConfig or CNNConfig)."""
     check_architecture(checkpoint, architecture_of(config), source)
-    saved = checkpoint.get(f"{architecture_of(config)}_config", {})
+    defaults = {f.name: f.default for f in fields(config)}  # settings added after the checkpoint was written
+    saved = {**defaults, **checkpoint.get(f"{architecture_of(config)}_config", {})}
     expected = asdict(config)
     differing = {
         k: (saved.get(k), v)
@@ -1970,15 +2023,38 @@ def make_scheduler(optimizer, config: TrainingConfig, steps_per_epoch):
 
 
 def make_criterion(config: TrainingConfig, train_dataset, device):
-    """Cross-entropy; with class_balance="weighted_loss" each class weighted by its inverse frequency in
-    `train_dataset` (the balanced sampler evens the classes out in the batches instead)."""
+    """Cross-entropy, or OneClassSoftmaxLoss with config.loss="one_class"; with
+    class_balance="weighted_loss" each class weighted by its inverse frequency in `train_dataset` (the
+    balanced sampler evens the classes out in the batches instead)."""
     class_weights = None
     if config.class_balance == "weighted_loss":
         counts = np.bincount(train_dataset.labels, minlength=2)
         class_weights = torch.tensor(
             counts.sum() / (2.0 * np.maximum(counts, 1)), dtype=torch.float32, device=device
         )
+    if config.loss == "one_class":
+        return OneClassSoftmaxLoss(weight=class_weights)
     return nn.CrossEntropyLoss(weight=class_weights)
+
+
+class OneClassSoftmaxLoss(nn.Module):
+    """OC-Softmax on the logits of a OneClassHead: softplus(scale * (margin_real - cosine)) for real
+    speech, softplus(scale * (cosine - margin_fake)) for fakes, averaged (weighted by class with
+    `weight`, as nn.CrossEntropyLoss)."""
+
+    def __init__(self, weight=None):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, logits, labels):
+        cosine = (logits[:, 0] - logits[:, 1]).float() / ONE_CLASS_SCALE + sum(ONE_CLASS_MARGINS) / 2
+        margin_real, margin_fake = ONE_CLASS_MARGINS
+        shortfall = torch.where(labels == 0, margin_real - cosine, cosine - margin_fake)
+        losses = F.softplus(ONE_CLASS_SCALE * shortfall)
+        if self.weight is None:
+            return losses.mean()
+        weights = self.weight[labels]
+        return (losses * weights).sum() / weights.sum()
 
 
 def warmup_cosine_schedule(optimizer, warmup_steps, total_steps):
@@ -2061,7 +2137,10 @@ def run_training(config: TrainingConfig, data_config=DataConfig()):
     set_seed(config.seed)
     segment_config = make_segment_config(config.dataset_name, data_config)
     model_config = make_model_config(
-        config.model_size, (data_config.N_MELS, segment_config.max_frames_spec), config.patch_embedding
+        config.model_size,
+        (data_config.N_MELS, segment_config.max_frames_spec),
+        config.patch_embedding,
+        "one_class" if config.loss == "one_class" else "linear",
     )
     datasets, loaders = build_loaders(config, segment_config, data_config)
     model = build_model(model_config).to(device)
@@ -2373,13 +2452,17 @@ def score_split(model, cache_dir, dataset_name, split="test", device="cpu", data
 
 # Introduced in notebook 04_evaluate.
 def pool_file_scores(segments):
-    """One row per original file: its facts (label, speaker, attack, duration, ...) and, for scored
-    segments, the mean of their scores (logit differences), i.e. the file's average log-odds of bona
-    fide; p_fake is that mean mapped back to a probability."""
+    """One row per original file: its facts (label, speaker, attack, prompt_speaker, duration, ...)
+    and, for scored segments, the mean of their scores (logit differences), i.e. the file's average
+    log-odds of bona fide; p_fake is that mean mapped back to a probability."""
     scored = "score" in segments
     if scored:
         segments = segments.dropna(subset=["score"])
-    facts = [c for c in ("label", "speaker", "attack", "source", *CLIP_FACTS) if c in segments.columns]
+    facts = [
+        c
+        for c in ("label", "speaker", "attack", "source", "prompt_speaker", *CLIP_FACTS)
+        if c in segments.columns
+    ]
     aggregations = {c: (c, "first") for c in facts}
     aggregations["n_segments"] = ("segment_index", "size")
     if "filled_fraction" in segments:

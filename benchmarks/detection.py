@@ -21,6 +21,8 @@ recipe (`--original` for the original notebook's), scores the test split per fil
         --leave-one-attack-out --name leave_one_attack_out
     .venv/bin/python benchmarks/detection.py --seeds 42 --leave-one-attack-out tts_piper --name neural_tts_out
     .venv/bin/python benchmarks/detection.py --models --folds 5 --leave-one-attack-out --name audit_held_out
+    .venv/bin/python benchmarks/detection.py --seeds 42 --gmm --fuse --rescore detection --name fused
+        # the runs of detection.json scored again from their checkpoints, with the ViT + GMM fusion
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -43,12 +46,39 @@ import vit_lib  # noqa: E402
 from vit_audio import corpora, devices  # noqa: E402
 
 
-def train_and_score(config, data_config):
-    """One run: train, then the best checkpoint's file-level test scores and its training time."""
-    started = time.perf_counter()
-    vit_lib.run_training(config, data_config)
-    seconds = time.perf_counter() - started
-    return vit_lib.test_file_scores(config, data_config), seconds
+def file_scores(config, data_config, splits=("test",)):
+    """The best checkpoint of a trained run: {split: its file-level scores} for each of `splits`."""
+    model, _ = vit_lib.load_model(config.checkpoint_path())
+    return {
+        split: vit_lib.pool_file_scores(
+            vit_lib.score_split(model, config.cache_dir, config.dataset_name, split, data_config=data_config)
+        )
+        for split in splits
+    }
+
+
+def gmm_validation_scores(models, dataset_dir, corpus_dir, data_config):
+    """The fitted LFCC-GMM's file-level scores on the validation split."""
+    metadata = vit_lib.read_dataset_metadata(dataset_dir)
+    val = vit_lib.pool_file_scores(metadata[metadata["split"] == "val"])
+    frames, _ = vit_lib.file_lfcc_frames(val, corpus_dir, data_config, progress=False)
+    return vit_lib.score_gmm_baseline(models, val, frames)
+
+
+def fused_scores(detectors):
+    """The equal-weight fusion of several detectors' file scores: each detector's test scores are
+    z-normalised by the mean and standard deviation of its own validation scores (so no test file
+    decides a weight, and a detector on another scale counts as much), then averaged per file. Files
+    that a detector could not score are left out. `detectors`: [{"val": files, "test": files}]."""
+    normalised = []
+    for scores in detectors:
+        val = scores["val"]["score"]
+        normalised.append((scores["test"].set_index("original_path")["score"] - val.mean()) / val.std())
+    fused = pd.concat(normalised, axis=1, join="inner").mean(axis=1)
+    files = detectors[0]["test"].set_index("original_path").loc[fused.index].copy()
+    files["score"] = fused
+    files["p_fake"] = 1.0 / (1.0 + np.exp(files["score"]))
+    return files.reset_index()
 
 
 def parsed_fields(dataclass, assignments):
@@ -64,15 +94,43 @@ def parsed_fields(dataclass, assignments):
 def eer_row(name, seed, split, files, seconds):
     per_kind = vit_lib.per_attack_eer(files).set_index("attack")["eer"]
     return dict(
-        model=name, seed=seed, split=split, train_seconds=round(seconds, 1), **per_kind.round(4).to_dict()
+        model=name,
+        seed=seed,
+        split=split,
+        train_seconds=round(seconds, 1),
+        **per_kind.round(4).to_dict(),
+        **per_source_eer(files),
     )
+
+
+def per_source_eer(files):
+    """{"<source> persons": EER} for each source of recorded persons among the test files: its persons'
+    real files against the fakes that read or copy their prompts. Only where the recorded persons are
+    named "source:person" and every fake names its person (`prompt_speaker`), as in the demo corpus;
+    else {}. A source whose persons read other material than another's (words, sentences) can fail
+    where the pooled EER hides it."""
+    real = files["label"] == 0
+    if "prompt_speaker" not in files or not files.loc[real, "speaker"].astype(str).str.contains(":").all():
+        return {}
+    person = files["speaker"].where(real, files["prompt_speaker"])
+    if person.isna().any():
+        return {}
+    eers = {}
+    for source, group in files.groupby(person.str.split(":").str[0], sort=True):
+        bonafide, spoof = (group.loc[group["label"] == label, "score"] for label in (0, 1))
+        if len(bonafide) and len(spoof):
+            eers[f"{source} persons"] = round(vit_lib.equal_error_rate(bonafide, spoof)[0], 4)
+    return eers
 
 
 def summary_table(rows):
     """Mean and standard deviation over the runs (seeds, and folds) of every EER column, and the worst
     run's pooled EER, one row per model."""
     frame = pd.DataFrame(rows)
-    eers = [c for c in frame.columns if c not in ("model", "seed", "split", "train_seconds")]
+    eers = sorted(  # each kind of fake, pooled, then each source of recorded persons
+        (c for c in frame.columns if c not in ("model", "seed", "split", "train_seconds")),
+        key=lambda column: (column.endswith(" persons"), column == "pooled", column),
+    )
     grouped = frame.groupby("model", sort=False)
     table = pd.DataFrame(
         {
@@ -171,6 +229,19 @@ def main():
     )
     parser.add_argument("--name", default=None, help="output file stem (default: detection[_original])")
     parser.add_argument(
+        "--fuse",
+        action="store_true",
+        help="add the equal-weight fusion of this command's detectors (each seed's models with the "
+        "LFCC-GMM), each z-normalised by its own validation scores",
+    )
+    parser.add_argument(
+        "--rescore",
+        metavar="NAME",
+        help="train nothing: score again the best checkpoints of the runs that these options made "
+        "under --name NAME, and write the record under --name (default NAME), keeping their training "
+        "times; the LFCC-GMM keeps no checkpoint and is fitted again",
+    )
+    parser.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
@@ -197,15 +268,21 @@ def main():
     unknown = sorted(set(args.splits or ()) - set(splits))
     if unknown:
         parser.error(f"no split {unknown}; the judged splits are {sorted(splits)}")
-    name = args.name or ("detection_original" if args.original else "detection")
+    name = args.name or args.rescore or ("detection_original" if args.original else "detection")
+    runs_name = args.rescore or args.name  # what the runs and their checkpoints are named after
+    trained_seconds = earlier_training_seconds(out / f"{args.rescore}.json") if args.rescore else {}
     rows, audits, tested_persons = [], {}, {}
+    scored_splits = ("val", "test") if args.fuse else ("test",)
+    gmm_name = f"LFCC-GMM ({args.gmm_components})"
+    fusion_name = "fusion: " + " + ".join([*args.models, *([gmm_name] if args.gmm else [])])
     for split, cache_dir in splits.items():
         if args.splits and split not in args.splits:
             continue
+        fusion_parts = {}  # seed -> [{"val": files, "test": files}] of each detector
         for model_size in args.models:
             for seed in args.seeds:
                 run_name = (
-                    f"{model_size}_{args.name or ('original' if args.original else 'recipe')}_seed{seed}"
+                    f"{model_size}_{runs_name or ('original' if args.original else 'recipe')}_seed{seed}"
                 )
                 overrides = dict(
                     model_size=model_size,
@@ -218,26 +295,55 @@ def main():
                     progress=False,
                 )
                 config = vit_lib.TrainingConfig(**{**asdict(recipe), **overrides})
-                scored, seconds = train_and_score(config, data_config)
-                rows.append(eer_row(model_size, seed, split, scored, seconds))
+                if args.rescore:
+                    if (model_size, seed, split) not in trained_seconds:
+                        raise SystemExit(
+                            f"{out / args.rescore}.json has no run of {model_size}, seed {seed}, {split}"
+                        )
+                    seconds = trained_seconds[model_size, seed, split]
+                else:
+                    started = time.perf_counter()
+                    vit_lib.run_training(config, data_config)
+                    seconds = time.perf_counter() - started
+                scored = file_scores(config, data_config, scored_splits)
+                fusion_parts.setdefault(seed, []).append(dict(scored, seconds=seconds))
+                rows.append(eer_row(model_size, seed, split, scored["test"], seconds))
                 print(json.dumps(rows[-1]), flush=True)
         if args.gmm:
             started = time.perf_counter()
-            _, gmm_files = vit_lib.lfcc_gmm_baseline(
+            gmms, gmm_files = vit_lib.lfcc_gmm_baseline(
                 cache_dir,
                 recipe.dataset_name,
                 args.corpus_dir,
                 n_components=args.gmm_components,
                 progress=False,
             )
-            model = f"LFCC-GMM ({args.gmm_components})"
-            rows.append(eer_row(model, 0, split, gmm_files, time.perf_counter() - started))
+            seconds = trained_seconds.get((gmm_name, 0, split), time.perf_counter() - started)
+            rows.append(eer_row(gmm_name, 0, split, gmm_files, seconds))
             print(json.dumps(rows[-1]), flush=True)
+            if args.fuse:
+                dataset_dir = Path(cache_dir) / recipe.dataset_name
+                gmm_val = gmm_validation_scores(gmms, dataset_dir, args.corpus_dir, data_config)
+                for parts in fusion_parts.values():
+                    parts.append(dict(val=gmm_val, test=gmm_files, seconds=seconds))
+        for seed, parts in fusion_parts.items() if args.fuse else ():
+            if len(parts) > 1:  # the training time of a fusion is that of its detectors
+                seconds = sum(part["seconds"] for part in parts)
+                rows.append(eer_row(fusion_name, seed, split, fused_scores(parts), seconds))
+                print(json.dumps(rows[-1]), flush=True)
         audits[split] = split_audit(Path(cache_dir) / recipe.dataset_name).to_dict("records")
         test = vit_lib.read_metadata(Path(cache_dir) / recipe.dataset_name / "test")
         tested_persons[split] = sorted(set(test.loc[test["label"] == 0, "speaker"].dropna()))
         # after every split, so that a long cross-validation stopped half-way keeps its finished folds
         write_report(out, name, run_record(args, recipe, data_config, rows, audits, tested_persons))
+
+
+def earlier_training_seconds(path):
+    """{(model, seed, split): training seconds} of the runs in an earlier record."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no record to rescore")
+    record = in_current_form(json.loads(path.read_text()))
+    return {(run["model"], run["seed"], run["split"]): run["train_seconds"] for run in record["runs"]}
 
 
 def run_record(args, recipe, data_config, rows, audits, tested_persons):
@@ -291,9 +397,16 @@ def split_audit(dataset_dir):
     return vit_lib.shortcut_audit(train_files, test_files, dataset_dir=dataset_dir, per_kind=True)
 
 
+# TrainingConfig fields added after records were written, with the value those records' runs had
+RECIPE_FIELDS_ADDED = {"loss": "cross_entropy"}
+
+
 def in_current_form(record):
     """A record as this script writes it now: records written before folds were judged hold one
-    `audit` (of the prepared split) and runs without a `split`."""
+    `audit` (of the prepared split) and runs without a `split`; older recipes lack the fields added
+    since (RECIPE_FIELDS_ADDED)."""
+    if "recipe" in record:
+        record = dict(record, recipe={**RECIPE_FIELDS_ADDED, **record["recipe"]})
     if "audit" in record:
         record = {k: v for k, v in record.items() if k != "audit"} | {"audits": {"prepared": record["audit"]}}
         record["runs"] = [{"split": "prepared", **run} for run in record["runs"]]

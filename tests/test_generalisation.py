@@ -226,6 +226,60 @@ def test_records_of_different_folds_merge_into_one_cross_validation(detection, t
         detection.merged_record([record("fold0", 0.1, 0.5), record("fold0", 0.2, 0.45)])
 
 
+def test_records_from_before_a_recipe_field_merge_with_runs_that_keep_its_earlier_value(detection, tmp_path):
+    def record(name, recipe):
+        path = tmp_path / f"{name}.json"
+        runs = [dict(model="ViT_Small", seed=42, split=name, pooled=0.1)]
+        path.write_text(json.dumps(dict(recipe=recipe, data={}, corpus="c", machine={}, runs=runs)))
+        return str(path)
+
+    older = record("fold0", {"epochs": 45})
+    merged = detection.merged_record([older, record("fold1", {"epochs": 45, "loss": "cross_entropy"})])
+    assert merged["recipe"] == {"epochs": 45, "loss": "cross_entropy"}
+    with pytest.raises(SystemExit, match="its recipe differs"):
+        detection.merged_record([older, record("fold2", {"epochs": 45, "loss": "one_class"})])
+
+
+def test_the_detection_record_gives_the_eer_of_each_source_of_recorded_persons(detection):
+    files = pd.DataFrame(
+        dict(
+            label=[0, 0, 1, 1, 1, 0, 1],
+            speaker=["words:ann", "words:bob", "tts:x", "tts:x", "vocoder", "sentences:cid", "tts:x"],
+            prompt_speaker=["words:ann", "words:bob", "words:ann", "words:bob", "words:bob"]
+            + ["sentences:cid"] * 2,
+            score=[2.0, 1.0, -1.0, -0.5, -2.0, -1.0, 0.5],  # higher: more real
+        )
+    )
+    # the word persons are told from the fakes of their prompts, the sentence person is not
+    assert detection.per_source_eer(files) == {"sentences persons": 1.0, "words persons": 0.0}
+    assert detection.per_source_eer(files.drop(columns="prompt_speaker")) == {}
+    assert detection.per_source_eer(files.assign(speaker=files["speaker"].str.replace(":", "-"))) == {}
+
+
+def test_a_fusion_weighs_each_detector_by_its_own_validation_scores_not_by_the_test(detection):
+    def scores(paths, values):
+        return pd.DataFrame(dict(original_path=paths, label=0, score=values))
+
+    wide = dict(val=scores(["v1", "v2"], [-100.0, 100.0]), test=scores(["a", "b", "c"], [100.0, -100.0, 0.0]))
+    narrow = dict(val=scores(["v1", "v2"], [0.0, 2.0]), test=scores(["a", "b"], [0.0, 3.0]))
+    fused = detection.fused_scores([wide, narrow]).set_index("original_path")
+    # z-scores by each detector's validation mean and std: wide (+0.707, -0.707), narrow (-0.707, +1.414);
+    # "c", which one detector could not score, is left out
+    assert list(fused.index) == ["a", "b"]
+    assert fused["score"].tolist() == pytest.approx([0.0, 0.3536], abs=1e-4)
+    assert fused["p_fake"].tolist() == pytest.approx([0.5, 1 / (1 + np.exp(0.3536))], abs=1e-4)
+
+
+def test_rescoring_needs_the_record_of_the_runs_it_scores_again(detection, tmp_path):
+    with pytest.raises(SystemExit, match="no record to rescore"):
+        detection.earlier_training_seconds(tmp_path / "none.json")
+    path = tmp_path / "runs.json"
+    path.write_text(
+        json.dumps(dict(recipe={}, runs=[dict(model="M", seed=1, split="fold0", train_seconds=9.5)]))
+    )
+    assert detection.earlier_training_seconds(path) == {("M", 1, "fold0"): 9.5}
+
+
 def test_a_held_out_kind_is_tested_on_the_test_persons_prompts_whichever_voice_reads_them():
     metadata = pd.DataFrame(
         dict(

@@ -103,6 +103,52 @@ def test_make_vit_config_rejects_unknown_size():
         vit_lib.make_vit_config("ViT_Tiny")
 
 
+@pytest.mark.parametrize("size", ["ViT_Small", "CNN_Small"])
+def test_model_configs_reject_an_unknown_head(size):
+    with pytest.raises(ValueError, match=f"{size}: head must be one of"):
+        vit_lib.make_model_config(size, head="softmax")
+
+
+# ---------------------------------------------------------------- the one-class head and loss
+def one_class_logits(cosines):
+    """What a OneClassHead gives for embeddings at these cosines with its direction."""
+    head = vit_lib.OneClassHead(2)
+    with torch.no_grad():
+        head.direction.copy_(torch.tensor([1.0, 0.0]))
+    angles = torch.arccos(torch.tensor(cosines))
+    with torch.no_grad():
+        return head(torch.stack((torch.cos(angles), torch.sin(angles)), dim=1))
+
+
+def test_one_class_head_scores_by_cosine_with_fake_probability_one_half_between_the_margins():
+    probability = vit_lib.softmax_fake_probability(one_class_logits([1.0, 0.9, 0.55, 0.2, -1.0]).numpy())
+    assert probability[2] == pytest.approx(0.5)
+    assert np.all(np.diff(probability) > 0)  # the further from the direction of real speech, the faker
+    assert probability[0] == pytest.approx(1 / (1 + math.exp(20 * 0.45)))
+
+
+def test_one_class_loss_is_oc_softmax_of_the_cosine_per_class():
+    cosines = [0.95, 0.5, 0.1, 0.5]
+    labels = torch.tensor([0, 0, 1, 1])
+    loss = vit_lib.OneClassSoftmaxLoss()(one_class_logits(cosines), labels)
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    shortfalls = [0.9 - 0.95, 0.9 - 0.5, 0.1 - 0.2, 0.5 - 0.2]  # real: 0.9 - cosine; fake: cosine - 0.2
+    expected = [softplus(20 * shortfall) for shortfall in shortfalls]
+    assert loss.item() == pytest.approx(np.mean(expected), rel=1e-5)
+    weighted = vit_lib.OneClassSoftmaxLoss(weight=torch.tensor([3.0, 1.0]))(one_class_logits(cosines), labels)
+    assert weighted.item() == pytest.approx(np.average(expected, weights=[3, 3, 1, 1]), rel=1e-5)
+
+
+@pytest.mark.parametrize("size", ["ViT_Small", "CNN_Small"])
+def test_one_class_head_gives_two_fp32_logits_under_bf16_autocast(size):
+    model = vit_lib.build_model(vit_lib.make_model_config(size, (128, 128), "conv", head="one_class")).eval()
+    assert isinstance(model.mlp_head[-1] if size.startswith("ViT") else model.head[-1], vit_lib.OneClassHead)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(3, 1, 128, 128))
+    assert logits.shape == (3, 2) and logits.dtype == torch.float32
+    assert torch.allclose(logits[:, 0], -logits[:, 1])
+
+
 # ---------------------------------------------------------------- parameter counts
 @pytest.mark.parametrize(
     "size, low, high",

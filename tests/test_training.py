@@ -225,6 +225,24 @@ def test_recipe_option_balanced_sampler_runs_and_resume_without_checkpoint_start
     assert "Resuming" not in printed  # nothing to resume from in a fresh checkpoint folder
 
 
+def test_one_class_loss_trains_stores_its_head_and_scores_like_a_linear_head(learnable, tmp_path):
+    metrics, _ = train(learnable, tmp_path, loss="one_class")
+    history = metrics["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"], losses(history)
+    model, checkpoint = vit_lib.load_model(tmp_path / "checkpoints" / "best_vit_model_fixture.pth")
+    assert checkpoint["vit_config"]["head"] == "one_class"
+    assert isinstance(model.mlp_head[-1], vit_lib.OneClassHead)
+    assert 0 <= metrics["test_eer"] <= 1
+
+
+def test_a_checkpoint_from_before_the_head_setting_is_a_linear_head(trained):
+    older = {**trained.checkpoint, "vit_config": {**trained.checkpoint["vit_config"]}}
+    del older["vit_config"]["head"]
+    vit_lib.check_checkpoint_compatible(older, vit_lib.ViT_Small)
+    with pytest.raises(ValueError, match="head: checkpoint linear vs expected one_class"):
+        vit_lib.check_checkpoint_compatible(older, vit_lib.make_vit_config("ViT_Small", head="one_class"))
+
+
 @pytest.mark.parametrize("speed_up", [True, False])
 def test_training_config_switches_the_speed_ups(prepared, tmp_path, monkeypatch, speed_up):
     sped_up = []
