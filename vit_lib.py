@@ -1610,13 +1610,11 @@ def score_gmm_baseline(models, files, frames):
     """`files` (one row per file, as pool_file_scores gives) with each file's `score`: the mean over
     its LFCC frames of log p(frame | bona fide) - log p(frame | spoof), the baseline's log-likelihood
     ratio (higher = bona fide), and `p_fake` from it. Files without frames are left out."""
-    from scipy.special import expit
-
     scored = files[files["original_path"].isin(list(frames))].reset_index(drop=True)
     scored["score"] = [
         models[0].score(frames[path]) - models[1].score(frames[path]) for path in scored["original_path"]
     ]
-    scored["p_fake"] = expit(-scored["score"])
+    scored["p_fake"] = fake_probability(scored["score"])
     return scored
 
 
@@ -1660,17 +1658,24 @@ def lfcc_gmm_baseline(
         )
         skipped += class_skipped
     models = fit_gmm_baseline(class_frames, n_components, seed)
-    evaluated = pool_file_scores(metadata[metadata["split"] == split])
-    frames, split_skipped = file_lfcc_frames(evaluated, audio_dir, data_config, progress=progress)
+    scored, split_skipped = gmm_split_scores(models, metadata, split, audio_dir, data_config, progress)
     skipped += split_skipped
     print(
         f"LFCC-GMM ({n_components} components): fitted on {len(class_frames[0])} bona fide and "
-        f"{len(class_frames[1])} spoof frames of {len(train)} train files; {len(frames)} {split} files "
+        f"{len(class_frames[1])} spoof frames of {len(train)} train files; {len(scored)} {split} files "
         f"scored; {len(skipped)} file(s) skipped"
     )
     for path, reason in skipped:
         print(f"  skipped {path}: {reason}")
-    return models, score_gmm_baseline(models, evaluated, frames)
+    return models, scored
+
+
+def gmm_split_scores(models, metadata, split, audio_dir, data_config=DataConfig(), progress=True):
+    """Fitted LFCC-GMMs' scores on the files of one split of a prepared dataset's `metadata`:
+    (scored files, as score_gmm_baseline gives them; [(path, why it was skipped)])."""
+    files = pool_file_scores(metadata[metadata["split"] == split])
+    frames, skipped = file_lfcc_frames(files, audio_dir, data_config, progress=progress)
+    return score_gmm_baseline(models, files, frames), skipped
 
 
 # ---------------------------------------------------------------- training
@@ -2318,10 +2323,18 @@ def evaluate_model(model, data_loader, criterion, device, return_cm=False):
     return avg_loss, preds, all_labels, probs
 
 
+def fake_probability(scores):
+    """p(fake) from scores, the log-odds of bona fide (logit(real) - logit(fake), or a detector's
+    log-likelihood ratio): the logistic function of minus the score. A score past about 709 rounds
+    exp to infinity and p(fake) to 0, as it should."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(scores))
+
+
 # Introduced in notebook 02_vit_walkthrough.
 def softmax_fake_probability(logits):
     logits = np.asarray(logits, dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
+    return fake_probability(logits[:, 0] - logits[:, 1])
 
 
 def _check_scores(labels, scores):
@@ -2417,7 +2430,7 @@ def score_segments(model, dataset, device, batch_size=32):
             scores[[i for i, _ in items]] = logits[:, 0] - logits[:, 1]
     frame = dataset.metadata.copy()
     frame["score"] = scores
-    frame["p_fake"] = 1.0 / (1.0 + np.exp(scores))
+    frame["p_fake"] = fake_probability(scores)
     return frame
 
 
@@ -2471,7 +2484,7 @@ def pool_file_scores(segments):
         aggregations["score"] = ("score", "mean")
     files = segments.groupby("original_path", sort=True).agg(**aggregations).reset_index()
     if scored:
-        files["p_fake"] = 1.0 / (1.0 + np.exp(files["score"]))
+        files["p_fake"] = fake_probability(files["score"])
     return files
 
 
@@ -2903,10 +2916,10 @@ def write_attack_holdout_datasets(dataset_dir, out_dir, attacks=None, k=None, se
     return cache_dirs
 
 
-def test_file_scores(config, data_config=DataConfig()):
-    """The best checkpoint of a trained run scored on its dataset's test split, one row per file."""
+def checkpoint_file_scores(config, split="test", data_config=DataConfig()):
+    """The best checkpoint of a trained run scored on one split of its dataset, one row per file."""
     model, _ = load_model(config.checkpoint_path())
-    segments = score_split(model, config.cache_dir, config.dataset_name, "test", data_config=data_config)
+    segments = score_split(model, config.cache_dir, config.dataset_name, split, data_config=data_config)
     return pool_file_scores(segments)
 
 
@@ -2922,7 +2935,7 @@ def cross_validate(config, cache_dirs, data_config=DataConfig()):
         started = time.perf_counter()
         run_training(run, data_config)
         minutes = (time.perf_counter() - started) / 60
-        eers = per_attack_eer(test_file_scores(run, data_config)).set_index("attack")["eer"]
+        eers = per_attack_eer(checkpoint_file_scores(run, data_config=data_config)).set_index("attack")["eer"]
         rows[name] = {**eers.to_dict(), "train minutes": minutes}
     return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -3070,7 +3083,7 @@ def score_audio_file(path, model, checkpoint, device="cpu", batch_size=32, preci
             start_s=starts,
             end_s=[min(s + segment_config.audio_length_seconds, facts["duration_s"]) for s in starts],
             score=scores,
-            p_fake=1.0 / (1.0 + np.exp(scores)),
+            p_fake=fake_probability(scores),
         )
     )
     file_score = float(scores.mean())

@@ -36,7 +36,6 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -44,25 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vit_cli as cli  # noqa: E402
 import vit_lib  # noqa: E402
 from vit_audio import corpora, devices  # noqa: E402
-
-
-def file_scores(config, data_config, splits=("test",)):
-    """The best checkpoint of a trained run: {split: its file-level scores} for each of `splits`."""
-    model, _ = vit_lib.load_model(config.checkpoint_path())
-    return {
-        split: vit_lib.pool_file_scores(
-            vit_lib.score_split(model, config.cache_dir, config.dataset_name, split, data_config=data_config)
-        )
-        for split in splits
-    }
-
-
-def gmm_validation_scores(models, dataset_dir, corpus_dir, data_config):
-    """The fitted LFCC-GMM's file-level scores on the validation split."""
-    metadata = vit_lib.read_dataset_metadata(dataset_dir)
-    val = vit_lib.pool_file_scores(metadata[metadata["split"] == "val"])
-    frames, _ = vit_lib.file_lfcc_frames(val, corpus_dir, data_config, progress=False)
-    return vit_lib.score_gmm_baseline(models, val, frames)
 
 
 def fused_scores(detectors):
@@ -77,7 +57,7 @@ def fused_scores(detectors):
     fused = pd.concat(normalised, axis=1, join="inner").mean(axis=1)
     files = detectors[0]["test"].set_index("original_path").loc[fused.index].copy()
     files["score"] = fused
-    files["p_fake"] = 1.0 / (1.0 + np.exp(files["score"]))
+    files["p_fake"] = vit_lib.fake_probability(files["score"])
     return files.reset_index()
 
 
@@ -305,7 +285,10 @@ def main():
                     started = time.perf_counter()
                     vit_lib.run_training(config, data_config)
                     seconds = time.perf_counter() - started
-                scored = file_scores(config, data_config, scored_splits)
+                scored = {
+                    scored_split: vit_lib.checkpoint_file_scores(config, scored_split, data_config)
+                    for scored_split in scored_splits
+                }
                 fusion_parts.setdefault(seed, []).append(dict(scored, seconds=seconds))
                 rows.append(eer_row(model_size, seed, split, scored["test"], seconds))
                 print(json.dumps(rows[-1]), flush=True)
@@ -322,8 +305,8 @@ def main():
             rows.append(eer_row(gmm_name, 0, split, gmm_files, seconds))
             print(json.dumps(rows[-1]), flush=True)
             if args.fuse:
-                dataset_dir = Path(cache_dir) / recipe.dataset_name
-                gmm_val = gmm_validation_scores(gmms, dataset_dir, args.corpus_dir, data_config)
+                metadata = vit_lib.read_dataset_metadata(Path(cache_dir) / recipe.dataset_name)
+                gmm_val, _ = vit_lib.gmm_split_scores(gmms, metadata, "val", args.corpus_dir, progress=False)
                 for parts in fusion_parts.values():
                     parts.append(dict(val=gmm_val, test=gmm_files, seconds=seconds))
         for seed, parts in fusion_parts.items() if args.fuse else ():

@@ -332,3 +332,28 @@ def test_held_out_kinds_crossed_with_folds_test_every_kind_on_every_folds_person
             )
     with pytest.raises(ValueError, match=r"no fakes of kind \['A99'\]"):
         vit_lib.write_attack_holdout_datasets(dataset_dir, tmp_path / "none", attacks=["A99"])
+
+
+def test_detection_fuses_the_vit_with_the_gmm_and_rescores_without_training(detection, tmp_path, monkeypatch):
+    corpus = vit_lib.make_fixture_corpus(tmp_path / "corpus", n_speakers=10, clips_per_speaker=2)
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "detection.py", "--corpus-dir", str(corpus), "--corpus", "folder", "--cache-dir", "cache",
+        "--out", "out", "--models", "ViT_Small", "--seeds", "0", "--epochs", "1", "--set", "batch_size=8",
+        "--gmm", "--gmm-components", "2", "--fuse",
+    ]  # fmt: skip
+    monkeypatch.setattr("sys.argv", [*common, "--name", "fused"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        detection.main()
+    record = json.loads((tmp_path / "out" / "fused.json").read_text())
+    eers = {run["model"]: run["pooled"] for run in record["runs"]}
+    assert set(eers) == {"ViT_Small", "LFCC-GMM (2)", "fusion: ViT_Small + LFCC-GMM (2)"}
+    assert all(0 <= eer <= 1 for eer in eers.values())
+    checkpoint = tmp_path / "checkpoints" / "out" / "best_vit_model_ViT_Small_fused_seed0.pth"
+    written = checkpoint.stat().st_mtime_ns
+    monkeypatch.setattr("sys.argv", [*common, "--rescore", "fused", "--name", "again"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        detection.main()
+    again = json.loads((tmp_path / "out" / "again.json").read_text())
+    assert {run["model"]: run["pooled"] for run in again["runs"]} == eers
+    assert checkpoint.stat().st_mtime_ns == written, "rescoring trains nothing"
