@@ -1293,8 +1293,17 @@ class OneClassHead(nn.Module):
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
             cosine = F.normalize(x.float(), dim=-1) @ F.normalize(self.direction.float(), dim=0)
+        return self.logits_from_cosine(cosine)
+
+    @staticmethod
+    def logits_from_cosine(cosine):
         half = ONE_CLASS_SCALE / 2 * (cosine - sum(ONE_CLASS_MARGINS) / 2)
         return torch.stack((half, -half), dim=-1)
+
+    @staticmethod
+    def cosine_from_logits(logits):
+        """The inverse of logits_from_cosine, for the loss."""
+        return (logits[:, 0] - logits[:, 1]).float() / ONE_CLASS_SCALE + sum(ONE_CLASS_MARGINS) / 2
 
 
 def classifier_layer(in_features, config):
@@ -2052,7 +2061,7 @@ class OneClassSoftmaxLoss(nn.Module):
         self.weight = weight
 
     def forward(self, logits, labels):
-        cosine = (logits[:, 0] - logits[:, 1]).float() / ONE_CLASS_SCALE + sum(ONE_CLASS_MARGINS) / 2
+        cosine = OneClassHead.cosine_from_logits(logits)
         margin_real, margin_fake = ONE_CLASS_MARGINS
         shortfall = torch.where(labels == 0, margin_real - cosine, cosine - margin_fake)
         losses = F.softplus(ONE_CLASS_SCALE * shortfall)

@@ -139,6 +139,12 @@ def test_one_class_loss_is_oc_softmax_of_the_cosine_per_class():
     assert weighted.item() == pytest.approx(np.average(expected, weights=[3, 3, 1, 1]), rel=1e-5)
 
 
+def test_one_class_head_recovers_the_cosine_from_its_logits():
+    cosines = torch.tensor([1.0, 0.9, 0.55, 0.2, -1.0])
+    logits = vit_lib.OneClassHead.logits_from_cosine(cosines)
+    assert torch.allclose(vit_lib.OneClassHead.cosine_from_logits(logits), cosines, atol=1e-6)
+
+
 @pytest.mark.parametrize("size", ["ViT_Small", "CNN_Small"])
 def test_one_class_head_gives_two_fp32_logits_under_bf16_autocast(size):
     model = vit_lib.build_model(vit_lib.make_model_config(size, (128, 128), "conv", head="one_class")).eval()
