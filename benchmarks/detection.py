@@ -61,6 +61,21 @@ def fused_scores(detectors):
     return files.reset_index()
 
 
+def add_corpus_arguments(parser):
+    """--corpus-dir, --corpus and --cache-dir: the corpus a benchmark reads and where it is prepared."""
+    parser.add_argument(
+        "--corpus-dir", default="data/demo_corpus", help="the corpus's audio folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--corpus", default="in_the_wild", choices=corpora.CORPORA, help="its layout (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default="data/demo_processed",
+        help="its prepared arrays, prepared there first if absent (default: %(default)s)",
+    )
+
+
 def parsed_fields(dataclass, assignments):
     """{field: value} from "FIELD=VALUE" texts, each value parsed as the dataclass field's type."""
     types = {item.name: cli.field_parser(item) for item in fields(dataclass)}
@@ -143,15 +158,7 @@ def markdown_table(frame):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--corpus-dir", default="data/demo_corpus", help="the corpus's audio folder (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--corpus", default="in_the_wild", choices=corpora.CORPORA, help="its layout (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--cache-dir", default="data/demo_processed", help="its prepared arrays (default: %(default)s)"
-    )
+    add_corpus_arguments(parser)
     parser.add_argument(
         "--out", default="results/demo_corpus", help="folder of the record (default: %(default)s)"
     )

@@ -138,14 +138,18 @@ def test_cross_validation_trains_on_each_fold_and_reports_its_test_eers(dataset_
     assert (tmp_path / "checkpoints" / "best_vit_model_cv_fold1.pth").is_file()
 
 
-@pytest.fixture(scope="module")
-def detection():
-    """benchmarks/detection.py as a module."""
-    path = vit_lib.REPO_ROOT / "benchmarks" / "detection.py"
-    spec = importlib.util.spec_from_file_location("detection", path)
+def benchmark(name):
+    """benchmarks/<name>.py as a module."""
+    path = vit_lib.REPO_ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def detection():
+    return benchmark("detection")
 
 
 def test_the_detection_benchmark_reports_every_fold_and_the_worst(detection, dataset_dir, tmp_path):
@@ -357,3 +361,28 @@ def test_detection_fuses_the_vit_with_the_gmm_and_rescores_without_training(dete
     again = json.loads((tmp_path / "out" / "again.json").read_text())
     assert {run["model"]: run["pooled"] for run in again["runs"]} == eers
     assert checkpoint.stat().st_mtime_ns == written, "rescoring trains nothing"
+
+
+@pytest.fixture(scope="module")
+def front_end_screen():
+    return benchmark("front_end_screen")
+
+
+def test_the_screens_texture_ignores_each_rows_mean_but_not_how_the_rows_move(front_end_screen):
+    rng = np.random.default_rng(0)
+    spec = rng.normal(-40.0, 6.0, size=(8, 32))
+    texture = front_end_screen.spectrogram_texture(spec)
+    assert texture.shape == (4 * 8 - 2,)
+    coloured = spec + rng.normal(0.0, 10.0, size=(8, 1))  # another voice's or channel's lasting colour
+    np.testing.assert_allclose(front_end_screen.spectrogram_texture(coloured), texture)
+    smoothed = (spec + np.roll(spec, 1, axis=1)) / 2  # the same rows, changing less from frame to frame
+    assert (front_end_screen.spectrogram_texture(smoothed)[8:16] < texture[8:16]).all()
+
+
+def test_the_front_end_screen_scores_each_fold_pooled_and_per_kind_of_fake(front_end_screen, dataset_dir):
+    per_fold = front_end_screen.screen(dataset_dir, 3)
+    assert list(per_fold.index) == ["fold0", "fold1", "fold2"]
+    fakes = vit_lib.read_dataset_metadata(dataset_dir).query("label == 1")
+    assert set(per_fold.columns) == {"pooled", *fakes["attack"].fillna("unknown").unique()}
+    pooled = per_fold["pooled"]
+    assert pooled.notna().all() and ((pooled >= 0) & (pooled <= 1)).all()
